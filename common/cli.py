@@ -1,0 +1,54 @@
+"""The `fedmri` command: one root that finds each room's subcommands by name.
+
+Rooms register `name = "module:function"` under the `fedmri.commands` entry-point group
+(pyproject.toml); a subcommand's module is imported only when that subcommand runs, so
+`fedmri --help` starts without importing torch, and this module imports no room.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import EntryPoint, entry_points
+
+SUMMARIES = {
+    "data": "inspect a hospital's DICOM folder (data scan DIR [--json])",
+    "synth": "write a synthetic multi-hospital DICOM cohort",
+    "simulate": "run the whole federation as local processes (SuperLink + one SuperNode each)",
+    "train": "baselines: --central (pooled data) or --local HOSPITAL",
+    "evaluate": "Dice of a saved model on a hospital's data",
+}
+
+
+def _commands() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group="fedmri.commands")}
+
+
+def _usage(commands: dict[str, EntryPoint]) -> str:
+    lines = ["usage: fedmri COMMAND [ARGS...]", "", "commands:"]
+    for name in sorted(commands):
+        lines.append(f"  {name:<10} {SUMMARIES.get(name, '')}")
+    lines.append("")
+    lines.append("Run `fedmri COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    commands = _commands()
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage(commands))
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in commands:
+        print(f"fedmri: unknown command '{name}'\n\n{_usage(commands)}", file=sys.stderr)
+        return 2
+    run = commands[name].load()
+    try:
+        return int(run(rest) or 0)
+    except KeyboardInterrupt:
+        print("fedmri: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The run configuration shared by server, clients and baselines.
+
+Flower carries configuration as flat key/value records, so the config is a flat dataclass
+of scalars with a lossless round trip through a plain dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "unet"  # see fedmri.common.models.MODELS
+    size: int = 48  # model grid is size^3 voxels
+    fov_mm: float = 224.0  # physical field of view of the model grid (head + margin)
+    num_classes: int = 3  # background, grey matter, white matter
+    rounds: int = 8
+    local_epochs: int = 3
+    batch_size: int = 2
+    lr: float = 3e-3
+    val_fraction: float = 0.25
+    seed: int = 0
+    amp: bool = True  # mixed precision where the device supports it (CUDA)
+
+    @property
+    def spacing_mm(self) -> float:
+        return self.fov_mm / self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a flat mapping; unknown keys are ignored, wrong types are refused."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            default = getattr(cls, f.name)
+            raw = values[f.name]
+            kind = type(default)
+            if kind is bool:
+                if not isinstance(raw, bool):
+                    raise ValueError(f"run config '{f.name}' must be true/false, got {raw!r}")
+                kwargs[f.name] = raw
+            else:
+                try:
+                    kwargs[f.name] = kind(raw)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(
+                        f"run config '{f.name}' must be {kind.__name__}, got {raw!r}"
+                    ) from err
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.size < 16 or self.size % 8:
+            raise ValueError(f"size must be a multiple of 8 and >= 16, got {self.size}")
+        if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
+            raise ValueError("rounds, local_epochs and batch_size must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

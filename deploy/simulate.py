@@ -1,0 +1,215 @@
+"""`fedmri simulate`: the whole federation as real local processes on 127.0.0.1.
+
+One `flower-superlink`, one `flower-supernode` per hospital (each with its own data folder
+in its node config), the run submitted with `flwr run`, progress read from the ServerApp's
+event log, then the final global model scored on the held-back test site. Every process
+started here is stopped on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmri.common.checkpoint import save_json
+from fedmri.common.config import RunConfig
+from fedmri.common.layout import TEST_SITE, hospital_dirs
+from fedmri.deploy.processes import Supervisor, executable, flower_env, free_port, wait_for_port
+
+log = logging.getLogger("fedmri.deploy")
+
+
+@dataclass
+class SimulateOptions:
+    out: Path
+    hospitals: int = 3
+    subjects: int = 8
+    seed: int = 0
+    data: Path | None = None  # an existing cohort folder; default: synthesize into OUT/data
+    timeout_s: float = 3600.0
+    config: RunConfig = RunConfig()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> None:
+    """A Flower App whose components are the installed fedmri server and client apps."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    config_lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in run_config.items())
+    (app_dir / "pyproject.toml").write_text(f"""\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedmri-app"
+version = "1.0.0"
+description = "fedmri federated MRI segmentation"
+license = "MIT"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmri"
+
+[tool.flwr.app.components]
+serverapp = "fedmri.server.app:app"
+clientapp = "fedmri.client.app:app"
+
+[tool.flwr.app.config]
+{config_lines}
+""")
+    # The FAB needs one module; the components themselves come from the installed package.
+    (app_dir / "fedmri_app.py").write_text('"""fedmri Flower App (components in fedmri)."""\n')
+
+
+def write_flower_home(home: Path, port: int) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f"""\
+[superlink]
+default = "fedmri"
+
+[superlink.fedmri]
+address = "127.0.0.1:{port}"
+insecure = true
+""")
+
+
+class EventTail:
+    """Reads new lines of the ServerApp's events.jsonl as they appear."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open() as fh:
+            fh.seek(self.offset)
+            text = fh.read()
+        complete = text[: text.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def _default_printer(event: dict[str, Any]) -> None:
+    kind = event.get("event")
+    if kind == "round_done":
+        losses = " ".join(f"{h}={v:.3f}" for h, v in event["train_loss"].items())
+        print(f"round {event['round']}: {event['seconds']:.1f}s, "
+              f"{event['hospitals']} hospitals, train loss {losses}", flush=True)
+    elif kind == "validated":
+        print(f"round {event['round']}: global validation Dice {event['global_val_dice']:.3f}",
+              flush=True)
+    elif kind in ("hospital_failed", "round_skipped", "failed", "resumed"):
+        print(f"{kind}: {event.get('reason') or event.get('error') or event}", flush=True)
+
+
+def run_simulation(opts: SimulateOptions,
+                   on_event: Callable[[dict[str, Any]], None] = _default_printer
+                   ) -> dict[str, Any]:
+    out = opts.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = opts.config
+    started = time.perf_counter()
+    data = (opts.data or out / "data").resolve()
+    if not (data / "cohort.json").exists():
+        from fedmri.deploy.cohort import generate_cohort
+
+        print(f"writing synthetic cohort to {data} ...", flush=True)
+        generate_cohort(data, hospitals=opts.hospitals, subjects=opts.subjects, seed=opts.seed,
+                        progress=lambda line: print(f"  {line}", flush=True))
+    sites = hospital_dirs(data)[: opts.hospitals]
+    if len(sites) < opts.hospitals:
+        raise ValueError(f"{data} has {len(sites)} hospital folders, {opts.hospitals} requested")
+    cohort_s = time.perf_counter() - started
+
+    flwr_home = out / ".flwr"
+    port = free_port()
+    write_flower_home(flwr_home, port)
+    run_config = {**cfg.to_dict(), "out-dir": str(out), "min-nodes": len(sites),
+                  "node-wait-s": 300.0, "round-timeout-s": opts.timeout_s}
+    write_flower_app(flwr_home / "app", run_config)
+    env = flower_env({"FLWR_HOME": str(flwr_home)})
+    threads = max(1, (os.cpu_count() or 1) // len(sites))
+    for stale in ("events.jsonl", "server_state.json"):
+        (out / stale).unlink(missing_ok=True)
+
+    fed_started = time.perf_counter()
+    with Supervisor(out / "logs") as sup:
+        link = sup.start("superlink", [executable("flower-superlink"), "--insecure",
+                                       "--disable-runtime-dependency-installation",
+                                       "--port", str(port)], env=env)
+        wait_for_port(port, 60, link, "flower-superlink")
+        for site in sites:
+            node_config = (f'hospital="{site.name}" data-path="{site}" threads={threads}')
+            sup.start(f"supernode-{site.name}", [
+                executable("flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                "--node-config", node_config], env=env)
+        runner = sup.start("flwr-run", [executable("flwr"), "run", str(flwr_home / "app"),
+                                        "fedmri", "--stream"], env=env, cwd=out)
+        tail = EventTail(out / "events.jsonl")
+        deadline = time.monotonic() + opts.timeout_s
+        outcome: dict[str, Any] | None = None
+        while outcome is None:
+            for event in tail.read():
+                on_event(event)
+                if event.get("event") in ("done", "failed"):
+                    outcome = event
+            if outcome is None and runner.poll() is not None:
+                time.sleep(1.0)  # the ServerApp may flush its last event just after exit
+                for event in tail.read():
+                    on_event(event)
+                    if event.get("event") in ("done", "failed"):
+                        outcome = event
+                if outcome is None:
+                    raise RuntimeError(f"the run ended without finishing (flwr run exit code "
+                                       f"{runner.returncode}); see {out / 'logs'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run did not finish within {opts.timeout_s:.0f}s")
+            time.sleep(0.5)
+    if outcome["event"] == "failed":
+        raise RuntimeError(f"the federation failed: {outcome['error']} (logs in {out / 'logs'})")
+    fed_s = time.perf_counter() - fed_started
+
+    state = json.loads((out / "server_state.json").read_text())
+    test = evaluate_on_test_site(out / "global_model.pt", data / TEST_SITE, out / "sample.png")
+    report = {
+        "config": {**cfg.to_dict(), "mode": "fedavg", "hospitals": [s.name for s in sites],
+                   "subjects": opts.subjects, "data": str(data), "cohort_seed": opts.seed},
+        "rounds": state["rounds"],
+        "test_dice": test["dice"],
+        "test_dice_per_class": test["per_class"],
+        "seconds": {"total": time.perf_counter() - started, "cohort": cohort_s,
+                    "federation": fed_s},
+    }
+    save_json(out / "report.json", report)
+    from fedmri.deploy.plots import plot_curves
+
+    plot_curves(report, out / "curves.png")
+    return report
+
+
+def evaluate_on_test_site(model: Path, site: Path, sample_png: Path) -> dict[str, Any]:
+    """Score the model with the hospital-side evaluator, run as its own process."""
+    cmd = [sys.executable, "-m", "fedmri.common.cli", "evaluate", "--model", str(model),
+           "--data", str(site), "--json", "--sample-png", str(sample_png)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"evaluating {model} on {site} failed:\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result

@@ -1,0 +1,112 @@
+"""End to end: `fedmri simulate` with real flower-superlink / flower-supernode processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from fedmri.common.models import load_model
+
+pytestmark = pytest.mark.slow
+
+FEDMRI = [sys.executable, "-m", "fedmri.common.cli"]
+SMALL = ["--hospitals", "2", "--rounds", "2", "--subjects", "3", "--size", "32",
+         "--local-epochs", "1", "--seed", "5"]
+
+
+def _flower_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "flower-super" in cmd or "flwr-" in cmd or "flwr run" in cmd:
+            found.append(proc)
+    return found
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("cohort") / "data"
+    done = subprocess.run([*FEDMRI, "synth", "--hospitals", "2", "--subjects", "3",
+                           "--seed", "5", "--out", str(data)], capture_output=True, text=True,
+                          env=_env())
+    assert done.returncode == 0, done.stderr
+    return data
+
+
+@pytest.fixture(scope="module")
+def finished_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    done = subprocess.run([*FEDMRI, "simulate", *SMALL, "--data", str(cohort), "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "round 1:" in done.stdout and "round 2:" in done.stdout  # progress per round
+    return out
+
+
+def test_simulate_writes_report_model_and_plots(finished_run: Path) -> None:
+    report = json.loads((finished_run / "report.json").read_text())
+    assert report["config"]["size"] == 32 and report["config"]["mode"] == "fedavg"
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for rnd in report["rounds"]:
+        assert set(rnd["hospitals"]) == {"hospital-1", "hospital-2"}
+        assert rnd["bytes_up"] > 0 and rnd["bytes_down"] > 0 and rnd["seconds"] > 0
+        assert 0.0 <= rnd["global_val_dice"] <= 1.0
+        for site in rnd["hospitals"].values():
+            assert site["num_examples"] >= 1 and site["train_loss"] > 0
+            assert 0.0 <= site["val_dice"] <= 1.0
+    assert 0.0 < report["test_dice"] <= 1.0
+    model, cfg = load_model(finished_run / "global_model.pt")
+    assert cfg.size == 32
+    assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    for png in ("curves.png", "sample.png"):
+        assert (finished_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_leaves_no_processes(finished_run: Path) -> None:
+    assert _flower_processes() == []
+
+
+def test_same_seed_same_result(finished_run: Path, cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    done = subprocess.run([*FEDMRI, "simulate", *SMALL, "--data", str(cohort), "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = torch.load(finished_run / "global_model.pt", weights_only=True)["state_dict"]
+    second = torch.load(out / "global_model.pt", weights_only=True)["state_dict"]
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    a = json.loads((finished_run / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    assert a["test_dice"] == b["test_dice"]
+
+
+def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([*FEDMRI, "simulate", *SMALL, "--data", str(cohort), "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env())
+    deadline = time.monotonic() + 120
+    # Wait until the federation is really running: the ServerApp has logged its start.
+    while time.monotonic() < deadline and not (out / "events.jsonl").exists():
+        time.sleep(0.5)
+    assert (out / "events.jsonl").exists(), "the run never started"
+    assert _flower_processes(), "no Flower processes while running"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped" in err.decode()
+    time.sleep(1)
+    assert _flower_processes() == []
