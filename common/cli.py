@@ -1,7 +1,8 @@
 """The `fedmri` command: one root that finds each room's subcommands by name.
 
 Rooms register `name = "module:function"` under the `fedmri.commands` entry-point group
-(pyproject.toml); a subcommand's module is imported only when that subcommand runs, so
+(pyproject.toml), and benchmarks under `fedmri.bench` (`fedmri bench NAME`); a subcommand's
+module is imported only when that subcommand runs, so
 `fedmri --help` starts without importing torch, and this module imports no room.
 """
 
@@ -16,16 +17,20 @@ SUMMARIES = {
     "simulate": "run the whole federation as local processes (SuperLink + one SuperNode each)",
     "train": "baselines: --central (pooled data) or --local HOSPITAL",
     "evaluate": "Dice of a saved model on a hospital's data",
+    "bench": "benchmarks that print JSON against a baseline (bench NAME --help)",
 }
 
 
-def _commands() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group="fedmri.commands")}
+BENCH_GROUP = "fedmri.bench"
+
+
+def _commands(group: str = "fedmri.commands") -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=group)}
 
 
 def _usage(commands: dict[str, EntryPoint]) -> str:
     lines = ["usage: fedmri COMMAND [ARGS...]", "", "commands:"]
-    for name in sorted(commands):
+    for name in sorted([*commands, "bench"]):
         lines.append(f"  {name:<10} {SUMMARIES.get(name, '')}")
     lines.append("")
     lines.append("Run `fedmri COMMAND --help` for a command's options.")
@@ -35,6 +40,8 @@ def _usage(commands: dict[str, EntryPoint]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     commands = _commands()
+    if args[:1] == ["bench"]:
+        return _bench(args[1:])
     if not args or args[0] in ("-h", "--help"):
         print(_usage(commands))
         return 0 if args else 2
@@ -48,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedmri: interrupted", file=sys.stderr)
         return 130
+
+
+def _bench(args: list[str]) -> int:
+    benches = _commands(BENCH_GROUP)
+    if not args or args[0] in ("-h", "--help") or args[0] not in benches:
+        print("usage: fedmri bench NAME [ARGS...]\n\nbenchmarks: " + ", ".join(sorted(benches)))
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    return int(benches[args[0]].load()(args[1:]) or 0)
 
 
 if __name__ == "__main__":

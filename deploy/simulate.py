@@ -36,6 +36,7 @@ class SimulateOptions:
     data: Path | None = None  # an existing cohort folder; default: synthesize into OUT/data
     timeout_s: float = 3600.0
     config: RunConfig = RunConfig()
+    tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
 
 
 def _toml_value(value: Any) -> str:
@@ -76,16 +77,30 @@ clientapp = "fedmri.client.app:app"
     (app_dir / "fedmri_app.py").write_text('"""fedmri Flower App (components in fedmri)."""\n')
 
 
-def write_flower_home(home: Path, port: int) -> None:
+def write_flower_home(home: Path, port: int, ca_cert: Path | None) -> None:
     home.mkdir(parents=True, exist_ok=True)
+    security = (f"root-certificates = {json.dumps(str(ca_cert))}" if ca_cert
+                else "insecure = true")
     (home / "config.toml").write_text(f"""\
 [superlink]
 default = "fedmri"
 
 [superlink.fedmri]
 address = "127.0.0.1:{port}"
-insecure = true
+{security}
 """)
+
+
+def _tls_args(opts: SimulateOptions, folder: Path) -> tuple[list[str], list[str], Path | None]:
+    """Command-line flags for the SuperLink and the SuperNodes, and the CA to trust."""
+    if not opts.tls:
+        return ["--insecure"], ["--insecure"], None
+    from fedmri.common.tls import make_tls_files
+
+    tls = make_tls_files(folder)
+    link = ["--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
+            "--ssl-ca-certfile", str(tls.ca_cert)]
+    return link, ["--root-certificates", str(tls.ca_cert)], tls.ca_cert
 
 
 class EventTail:
@@ -129,9 +144,9 @@ def run_simulation(opts: SimulateOptions,
     if not (data / "cohort.json").exists():
         from fedmri.deploy.cohort import generate_cohort
 
-        print(f"writing synthetic cohort to {data} ...", flush=True)
+        print(f"writing synthetic cohort to {data} ...", file=sys.stderr, flush=True)
         generate_cohort(data, hospitals=opts.hospitals, subjects=opts.subjects, seed=opts.seed,
-                        progress=lambda line: print(f"  {line}", flush=True))
+                        progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     sites = hospital_dirs(data)[: opts.hospitals]
     if len(sites) < opts.hospitals:
         raise ValueError(f"{data} has {len(sites)} hospital folders, {opts.hospitals} requested")
@@ -139,7 +154,8 @@ def run_simulation(opts: SimulateOptions,
 
     flwr_home = out / ".flwr"
     port = free_port()
-    write_flower_home(flwr_home, port)
+    link_tls, node_tls, ca_cert = _tls_args(opts, flwr_home / "tls")
+    write_flower_home(flwr_home, port, ca_cert)
     run_config = {**cfg.to_dict(), "out-dir": str(out), "min-nodes": len(sites),
                   "node-wait-s": 300.0, "round-timeout-s": opts.timeout_s}
     write_flower_app(flwr_home / "app", run_config)
@@ -150,14 +166,14 @@ def run_simulation(opts: SimulateOptions,
 
     fed_started = time.perf_counter()
     with Supervisor(out / "logs") as sup:
-        link = sup.start("superlink", [executable("flower-superlink"), "--insecure",
+        link = sup.start("superlink", [executable("flower-superlink"), *link_tls,
                                        "--disable-runtime-dependency-installation",
                                        "--port", str(port)], env=env)
         wait_for_port(port, 60, link, "flower-superlink")
         for site in sites:
             node_config = (f'hospital="{site.name}" data-path="{site}" threads={threads}')
             sup.start(f"supernode-{site.name}", [
-                executable("flower-supernode"), "--insecure",
+                executable("flower-supernode"), *node_tls,
                 "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                 "--node-config", node_config], env=env)
         runner = sup.start("flwr-run", [executable("flwr"), "run", str(flwr_home / "app"),

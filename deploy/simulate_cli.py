@@ -35,6 +35,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path, default=None,
                         help="an existing cohort (from `fedmri synth`) instead of a new one")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS between the processes (default: TLS with a per-run CA)")
     args = parser.parse_args(argv)
     if args.hospitals < 1:
         parser.error("--hospitals must be >= 1")
@@ -51,7 +53,8 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     opts = SimulateOptions(out=args.out, hospitals=args.hospitals, subjects=args.subjects,
-                           seed=args.seed, data=args.data, timeout_s=args.timeout, config=cfg)
+                           seed=args.seed, data=args.data, timeout_s=args.timeout, config=cfg,
+                           tls=not args.insecure)
     try:
         report = run_simulation(opts)
     except KeyboardInterrupt:
