@@ -16,8 +16,8 @@ class RunConfig:
     size: int = 48  # model grid is size^3 voxels
     fov_mm: float = 224.0  # physical field of view of the model grid (head + margin)
     num_classes: int = 3  # background, grey matter, white matter
-    rounds: int = 8
-    local_epochs: int = 3
+    rounds: int = 16
+    local_epochs: int = 5
     batch_size: int = 2
     lr: float = 3e-3
     val_fraction: float = 0.25

@@ -200,6 +200,13 @@ def _common_uids(
     return study, series, frame
 
 
+def _check_3d(array: np.ndarray) -> tuple[int, int, int]:
+    if array.ndim != 3:
+        raise ValueError(f"volume array must be 3D (slice, row, col), got {array.shape}")
+    n_slices, rows, cols = (int(n) for n in array.shape)
+    return n_slices, rows, cols
+
+
 def write_mr_series(
     volume: Volume,
     out_dir: Path,
@@ -221,9 +228,7 @@ def write_mr_series(
     slice order.
     """
     array = np.asarray(volume.array)
-    if array.ndim != 3:
-        raise ValueError(f"volume array must be 3D (slice, row, col), got {array.shape}")
-    n_slices, rows, cols = (int(n) for n in array.shape)
+    n_slices, rows, cols = _check_3d(array)
     row_dir, col_dir, normal, row_spacing, col_spacing, slice_spacing = _plane_geometry(
         volume.affine
     )
@@ -288,9 +293,7 @@ def write_enhanced_mr(
     slice) with per-frame positions and shared orientation, spacing and rescale, the way
     modern scanners export. `extra` works as in `write_mr_series`."""
     array = np.asarray(volume.array)
-    if array.ndim != 3:
-        raise ValueError(f"volume array must be 3D (slice, row, col), got {array.shape}")
-    n_slices, rows, cols = (int(n) for n in array.shape)
+    n_slices, rows, cols = _check_3d(array)
     row_dir, col_dir, _normal, row_spacing, col_spacing, slice_spacing = _plane_geometry(
         volume.affine
     )

@@ -117,23 +117,31 @@ class Supervisor:
         log.info("event=process_started name=%s pid=%d", name, proc.pid)
         return proc
 
-    def stop(self, name: str, grace_s: float = 5.0) -> None:
-        for managed in [m for m in self.procs if m.name == name]:
-            _stop_tree(managed.proc.pid, grace_s)
-            managed.proc.wait()
-            managed.log_file.close()
-            self.procs.remove(managed)
+    def stop(self, name: str, grace_s: float = 10.0) -> None:
+        self._stop([m for m in self.procs if m.name == name], grace_s)
 
-    def stop_all(self, grace_s: float = 5.0) -> None:
-        for managed in reversed(self.procs):
-            _stop_tree(managed.proc.pid, grace_s)
-        for managed in self.procs:
-            managed.proc.wait()
-            managed.log_file.close()
-        self.procs.clear()
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        self._stop(list(self.procs), grace_s)
         # Anything left is an orphan re-parented to us (we are its subreaper).
         _terminate([p for p in psutil.Process().children(recursive=True) if _is_flower(p)],
                    grace_s)
+
+    def _stop(self, managed: list[Managed], grace_s: float) -> None:
+        # Signal every tree at once: stopping them one by one costs each one's grace period.
+        _terminate([p for m in managed for p in _tree(m.proc.pid)], grace_s)
+        for m in managed:
+            m.proc.wait()
+            m.log_file.close()
+            self.procs.remove(m)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants, descendants first."""
+    try:
+        root = psutil.Process(pid)
+        return [*reversed(root.children(recursive=True)), root]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _is_flower(proc: psutil.Process) -> bool:
@@ -152,14 +160,3 @@ def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=grace_s)
-
-
-def _stop_tree(pid: int, grace_s: float) -> None:
-    try:
-        root = psutil.Process(pid)
-        tree = root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    # Children first, so a parent cannot restart them; then the root.
-    _terminate(list(reversed(tree)), grace_s)
-    _terminate([root], grace_s)

@@ -75,6 +75,13 @@ def test_simulate_writes_report_model_and_plots(finished_run: Path) -> None:
         assert (finished_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_simulate_runs_over_tls(finished_run: Path) -> None:
+    link_log = (finished_run / "logs" / "superlink.log").read_text()
+    assert "running on https://127.0.0.1" in link_log
+    assert "--insecure" not in (finished_run / ".flwr" / "config.toml").read_text()
+    assert "root-certificates" in (finished_run / ".flwr" / "config.toml").read_text()
+
+
 def test_simulate_leaves_no_processes(finished_run: Path) -> None:
     assert _flower_processes() == []
 
@@ -95,15 +102,26 @@ def test_same_seed_same_result(finished_run: Path, cohort: Path, tmp_path: Path)
 
 def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
+    # Without Flower's opt-outs in our environment: simulate must set them for its processes.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     proc = subprocess.Popen([*FEDMRI, "simulate", *SMALL, "--data", str(cohort), "--out",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env())
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
     # Wait until the federation is really running: the ServerApp has logged its start.
     while time.monotonic() < deadline and not (out / "events.jsonl").exists():
         time.sleep(0.5)
     assert (out / "events.jsonl").exists(), "the run never started"
-    assert _flower_processes(), "no Flower processes while running"
+    running = _flower_processes()
+    assert running, "no Flower processes while running"
+    for flower in running:
+        try:
+            environ = flower.environ()
+        except psutil.NoSuchProcess:  # a ClientApp that just finished
+            continue
+        assert environ.get("FLWR_TELEMETRY_ENABLED") == "0", flower.cmdline()
+        assert environ.get("FLWR_DISABLE_UPDATE_CHECK") == "1", flower.cmdline()
+        if "flower-superlink" in " ".join(flower.cmdline()):
+            assert "--disable-runtime-dependency-installation" in flower.cmdline()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
