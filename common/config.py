@@ -17,7 +17,7 @@ class RunConfig:
     fov_mm: float = 224.0  # physical field of view of the model grid (head + margin)
     num_classes: int = 3  # background, grey matter, white matter
     rounds: int = 16
-    local_epochs: int = 5
+    local_epochs: int = 10
     batch_size: int = 2
     lr: float = 3e-3
     val_fraction: float = 0.25

@@ -120,17 +120,24 @@ class EventTail:
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
-def _default_printer(event: dict[str, Any]) -> None:
+def describe(event: dict[str, Any]) -> str | None:
+    """One human line for a ServerApp event, or None for events not worth a line."""
     kind = event.get("event")
     if kind == "round_done":
         losses = " ".join(f"{h}={v:.3f}" for h, v in event["train_loss"].items())
-        print(f"round {event['round']}: {event['seconds']:.1f}s, "
-              f"{event['hospitals']} hospitals, train loss {losses}", flush=True)
-    elif kind == "validated":
-        print(f"round {event['round']}: global validation Dice {event['global_val_dice']:.3f}",
-              flush=True)
-    elif kind in ("hospital_failed", "round_skipped", "failed", "resumed"):
-        print(f"{kind}: {event.get('reason') or event.get('error') or event}", flush=True)
+        return (f"round {event['round']}: {event['seconds']:.1f}s, "
+                f"{event['hospitals']} hospitals, train loss {losses}")
+    if kind == "validated":
+        return f"round {event['round']}: global validation Dice {event['global_val_dice']:.3f}"
+    if kind in ("hospital_failed", "round_skipped", "failed", "resumed"):
+        return f"{kind}: {event.get('reason') or event.get('error') or event}"
+    return None
+
+
+def _default_printer(event: dict[str, Any]) -> None:
+    line = describe(event)
+    if line:
+        print(line, flush=True)
 
 
 def run_simulation(opts: SimulateOptions,

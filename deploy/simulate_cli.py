@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fedmri.common.config import RunConfig
 
@@ -14,6 +16,24 @@ from fedmri.common.config import RunConfig
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     # SIGTERM unwinds like Ctrl-C, so the supervisor stops every process it started.
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _with_progress_bar(opts: Any, rounds: int, run: Callable[..., dict[str, Any]],
+                       describe: Callable[[dict[str, Any]], str | None]) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} rounds"), TimeElapsedColumn()) as bar:
+        task = bar.add_task("federated training", total=rounds)
+
+        def on_event(event: dict[str, Any]) -> None:
+            line = describe(event)
+            if line:
+                bar.console.print(line)
+            if event.get("event") == "round_done":
+                bar.update(task, completed=event["round"])
+
+        return run(opts, on_event=on_event)
 
 
 def main(argv: list[str]) -> int:
@@ -49,14 +69,17 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    from fedmri.deploy.simulate import SimulateOptions, run_simulation
+    from fedmri.deploy.simulate import SimulateOptions, describe, run_simulation
 
     signal.signal(signal.SIGTERM, _interrupt)
     opts = SimulateOptions(out=args.out, hospitals=args.hospitals, subjects=args.subjects,
                            seed=args.seed, data=args.data, timeout_s=args.timeout, config=cfg,
                            tls=not args.insecure)
     try:
-        report = run_simulation(opts)
+        if sys.stdout.isatty():
+            report = _with_progress_bar(opts, cfg.rounds, run_simulation, describe)
+        else:
+            report = run_simulation(opts)  # plain lines for logs and pipes
     except KeyboardInterrupt:
         print("simulate: interrupted; every process it started has been stopped",
               file=sys.stderr)
