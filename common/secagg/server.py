@@ -1,0 +1,307 @@
+"""The coordinator's side of one secure-aggregation round (see `protocol` for the flow).
+
+The server only ever holds masked vectors, encrypted shares and what survivors reveal for
+unmasking; it learns the sum of the survivors' quantized vectors and nothing about any single
+one. Each stage collects messages until the caller closes it (`finish_advertise`,
+`finish_masking`, `aggregate`), typically when every hospital answered or a deadline passed;
+hospitals that did not answer by then count as dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from .crypto import KEY_BYTES, pair_seed, verify_advertise, x25519_public_bytes
+from .errors import (
+    BelowThresholdError,
+    MalformedMessageError,
+    ProtocolViolationError,
+    UnknownHospitalError,
+)
+from .graph import DEFAULT_COMPLETE_UP_TO
+from .messages import (
+    Advertise,
+    EncryptedShare,
+    KeysBroadcast,
+    MaskedVector,
+    Reveal,
+    RoundSetup,
+    SharesMessage,
+    UnmaskRequest,
+)
+from .protocol import (
+    add_mask,
+    check_current,
+    check_pinned,
+    graph_of,
+    new_setup,
+    pair_mask,
+    pair_sign,
+    self_mask,
+)
+from .shamir import Share, combine
+
+ADVERTISE, SHARE_MASK, UNMASK, DONE = "advertise", "share+mask", "unmask", "done"
+MAX_SHARE_CIPHERTEXT = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateResult:
+    """Exact sum (mod 2^32) of the survivors' quantized vectors, and who took part.
+
+    survivors: hospitals whose vectors are in the sum; dropped: advertised but not summed;
+    silent: survivors that did not answer the unmask request (tolerated).
+    """
+
+    total: npt.NDArray[np.uint32]
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    silent: tuple[str, ...]
+
+
+class ServerAggregator:
+    """Collects one round's messages and outputs only the survivors' sum."""
+
+    def __init__(self, setup: RoundSetup, pinned: Mapping[str, bytes]) -> None:
+        setup.validate()
+        check_pinned(setup.participants, pinned, f"round {setup.round} of run {setup.run_id!r}")
+        self.setup = setup
+        self._pinned = dict(pinned)
+        self._graph = graph_of(setup)
+        self._stage = ADVERTISE
+        self._adverts: dict[str, Advertise] = {}
+        self._peers: dict[str, frozenset[str]] = {}  # neighbours each hospital masked with
+        self._shares: dict[str, dict[str, EncryptedShare]] = {}  # sender -> receiver -> share
+        self._vectors: dict[str, npt.NDArray[np.uint32]] = {}
+        self._survivors: frozenset[str] = frozenset()
+        self._asked: dict[str, UnmaskRequest] = {}
+        self._reveals: dict[str, Reveal] = {}
+
+    @classmethod
+    def start_round(cls, run_id: str, round_: int, participants: Iterable[str],
+                    vector_length: int, pinned: Mapping[str, bytes], *,
+                    degree: int | None = None, threshold: int | None = None,
+                    complete_up_to: int = DEFAULT_COMPLETE_UP_TO,
+                    graph_seed: bytes | None = None) -> ServerAggregator:
+        """New round with default graph and threshold; send `.setup` to every participant."""
+        setup = new_setup(run_id, round_, participants, vector_length, degree=degree,
+                          threshold=threshold, complete_up_to=complete_up_to,
+                          graph_seed=graph_seed)
+        return cls(setup, pinned)
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    def _admit(self, stage: str, sender: str, run_id: str, round_: int, what: str,
+               allowed: Iterable[str]) -> None:
+        """Common checks: pinned sender, this run and round, the open stage, a live sender."""
+        check_pinned([sender], self._pinned, f"{what} received by the server")
+        check_current(self.setup, run_id, round_, sender, what)
+        if self._stage != stage:
+            raise ProtocolViolationError(
+                f"{what} of hospital {sender} arrived in stage {self._stage!r}, not {stage!r}; "
+                "refusing (late or out of order)")
+        if sender not in set(allowed):
+            raise UnknownHospitalError(
+                f"hospital {sender} sent a {what} but is not expected in this stage of run "
+                f"{self.setup.run_id!r} round {self.setup.round} (not a participant, or "
+                "dropped earlier)")
+
+    # step 1 ------------------------------------------------------------------------------
+    def receive_advertise(self, msg: Advertise) -> None:
+        self._admit(ADVERTISE, msg.sender, msg.run_id, msg.round, "advertisement",
+                    self.setup.participants)
+        if msg.sender in self._adverts:
+            raise ProtocolViolationError(f"hospital {msg.sender} advertised twice")
+        verify_advertise(self._pinned[msg.sender], msg.signature, msg.run_id, msg.round,
+                         msg.sender, msg.c_public, msg.s_public)
+        self._adverts[msg.sender] = msg
+
+    def finish_advertise(self) -> dict[str, KeysBroadcast]:
+        """Close step 1; one keys message per hospital that advertised."""
+        self._require(ADVERTISE)
+        live = frozenset(self._adverts)
+        self._peers = {h: self._graph[h] & live for h in sorted(live)}
+        short = sorted(h for h, ns in self._peers.items() if len(ns) + 1 < self.setup.threshold)
+        if short or not live:
+            raise BelowThresholdError(
+                f"run {self.setup.run_id!r} round {self.setup.round}: {len(live)} of "
+                f"{len(self.setup.participants)} hospitals advertised; hospital(s) "
+                f"{', '.join(short) or '(none)'} have fewer than t={self.setup.threshold} "
+                "share holders left; the round cannot continue")
+        self._stage = SHARE_MASK
+        s = self.setup
+        return {h: KeysBroadcast(s.run_id, s.round, h,
+                                 tuple(self._adverts[p] for p in sorted(ns)))
+                for h, ns in self._peers.items()}
+
+    # step 2 ------------------------------------------------------------------------------
+    def receive_shares(self, msg: SharesMessage) -> None:
+        self._admit(SHARE_MASK, msg.sender, msg.run_id, msg.round, "shares message",
+                    self._peers)
+        if msg.sender in self._shares:
+            raise ProtocolViolationError(f"hospital {msg.sender} sent its shares twice")
+        routed: dict[str, EncryptedShare] = {}
+        for enc in msg.shares:
+            if enc.sender != msg.sender or enc.receiver in routed or \
+                    enc.receiver not in self._peers[msg.sender]:
+                raise MalformedMessageError(
+                    f"shares message of hospital {msg.sender}: share {enc.sender} -> "
+                    f"{enc.receiver} is not one per neighbour from this sender")
+            if len(enc.ciphertext) > MAX_SHARE_CIPHERTEXT:
+                raise MalformedMessageError(
+                    f"shares message of hospital {msg.sender}: share to {enc.receiver} is "
+                    f"{len(enc.ciphertext)} bytes, over the {MAX_SHARE_CIPHERTEXT} limit")
+            routed[enc.receiver] = enc
+        missing = sorted(self._peers[msg.sender] - set(routed))
+        if missing:
+            raise MalformedMessageError(
+                f"shares message of hospital {msg.sender} has no share for {', '.join(missing)}")
+        self._shares[msg.sender] = routed
+
+    def receive_masked(self, msg: MaskedVector) -> None:
+        self._admit(SHARE_MASK, msg.sender, msg.run_id, msg.round, "masked vector",
+                    self._peers)
+        if msg.sender in self._vectors:
+            raise ProtocolViolationError(f"hospital {msg.sender} sent its masked vector twice")
+        vec = msg.vector
+        if not isinstance(vec, np.ndarray) or vec.dtype != np.uint32 \
+                or vec.shape != (self.setup.vector_length,):
+            got = (f"dtype {vec.dtype} shape {vec.shape}" if isinstance(vec, np.ndarray)
+                   else type(vec).__name__)
+            raise MalformedMessageError(
+                f"masked vector of hospital {msg.sender}: expected uint32 of length "
+                f"{self.setup.vector_length}, got {got}; refusing it")
+        self._vectors[msg.sender] = vec.copy()
+
+    def finish_masking(self) -> dict[str, UnmaskRequest]:
+        """Close step 2; survivors sent both shares and vector. One request per survivor."""
+        self._require(SHARE_MASK)
+        survivors = frozenset(self._shares) & frozenset(self._vectors)
+        t = self.setup.threshold
+        short = {h: len(({h} | self._peers[h]) & survivors) for h in sorted(survivors)}
+        short = {h: k for h, k in short.items() if k < t}
+        if short or not survivors:
+            detail = ", ".join(f"{h} ({k} holders)" for h, k in short.items()) or "everyone"
+            raise BelowThresholdError(
+                f"run {self.setup.run_id!r} round {self.setup.round}: {len(survivors)} "
+                f"hospitals sent shares and a masked vector; fewer than t={t} share holders "
+                f"survive for {detail}; the round cannot be unmasked")
+        self._survivors = survivors
+        self._vectors = {h: v for h, v in self._vectors.items() if h in survivors}
+        s = self.setup
+        for h in sorted(survivors):
+            ns = self._peers[h]
+            routed = tuple(self._shares[p][h] for p in sorted(ns) if p in self._shares)
+            self._asked[h] = UnmaskRequest(s.run_id, s.round, h,
+                                           tuple(sorted((ns & survivors) | {h})),
+                                           tuple(sorted(ns - survivors)), routed)
+        self._stage = UNMASK
+        return dict(self._asked)
+
+    # step 3 ------------------------------------------------------------------------------
+    def receive_reveal(self, msg: Reveal) -> None:
+        self._admit(UNMASK, msg.sender, msg.run_id, msg.round, "reveal", self._asked)
+        if msg.sender in self._reveals:
+            raise ProtocolViolationError(f"hospital {msg.sender} revealed twice")
+        asked = self._asked[msg.sender]
+        routed = {e.sender for e in asked.shares}
+        x = self.setup.index_of(msg.sender)
+        checks = ((msg.b_shares, set(asked.survivors), "self-mask shares"),
+                  (msg.s_shares, set(asked.dropped) & routed, "key shares"))
+        for items, allowed, kind in checks:
+            extra = sorted(set(items) - allowed)
+            if extra:
+                raise ProtocolViolationError(
+                    f"hospital {msg.sender} revealed {kind} for {', '.join(extra)}, which it "
+                    "was not asked for")
+            for owner, raw in items.items():
+                try:
+                    share = Share.from_bytes(raw)
+                except ValueError as exc:
+                    raise MalformedMessageError(
+                        f"hospital {msg.sender}: its {kind[:-1]} for {owner} is malformed: "
+                        f"{exc}") from exc
+                if share.x != x:
+                    raise MalformedMessageError(
+                        f"hospital {msg.sender}: its {kind[:-1]} for {owner} has x={share.x}, "
+                        f"not its index {x}")
+        if set(msg.pair_seeds) - set(asked.dropped) or \
+                any(len(v) != KEY_BYTES for v in msg.pair_seeds.values()):
+            raise MalformedMessageError(
+                f"hospital {msg.sender}: pair seeds must be {KEY_BYTES}-byte values for dropped "
+                "neighbours only")
+        self._reveals[msg.sender] = msg
+
+    def _recover(self, owner: str, kind: str) -> bytes | None:
+        """Combine the revealed shares of `owner`'s b seed or s key; None if fewer than t."""
+        t = self.setup.threshold
+        got = [Share.from_bytes(getattr(r, kind)[owner]) for r in self._reveals.values()
+               if owner in getattr(r, kind)]
+        if len(got) < t:
+            return None
+        try:
+            return combine(got, t)
+        except ValueError as exc:
+            raise MalformedMessageError(
+                f"cannot recover the {'self-mask seed' if kind == 'b_shares' else 'mask key'} "
+                f"of hospital {owner}: {exc}") from exc
+
+    def aggregate(self) -> AggregateResult:
+        """Close step 3: remove all masks and return the survivors' exact modular sum."""
+        self._require(UNMASK)
+        t, length = self.setup.threshold, self.setup.vector_length
+        total = np.zeros(length, dtype=np.uint32)
+        for h in sorted(self._survivors):
+            np.add(total, self._vectors[h], out=total)
+        for h in sorted(self._survivors):
+            b_seed = self._recover(h, "b_shares")
+            if b_seed is None:
+                revealers = sorted(r for r in self._reveals if h in self._reveals[r].b_shares)
+                raise BelowThresholdError(
+                    f"cannot remove the self mask of hospital {h}: {len(revealers)} of the "
+                    f"t={t} needed shares were revealed (by {', '.join(revealers) or 'nobody'})")
+            add_mask(total, self_mask(b_seed, length), -1)
+        dropped = sorted(set(self._peers) - self._survivors)
+        for d in dropped:
+            affected = sorted(self._peers[d] & self._survivors)
+            if affected:
+                self._remove_pair_masks(total, d, affected)
+        self._stage = DONE
+        silent = tuple(sorted(self._survivors - set(self._reveals)))
+        return AggregateResult(total, tuple(sorted(self._survivors)), tuple(dropped), silent)
+
+    def _remove_pair_masks(self, total: npt.NDArray[np.uint32], dropped: str,
+                           affected: list[str]) -> None:
+        s = self.setup
+        s_raw = self._recover(dropped, "s_shares")
+        key: X25519PrivateKey | None = None
+        if s_raw is not None:
+            key = X25519PrivateKey.from_private_bytes(s_raw)
+            if x25519_public_bytes(key) != self._adverts[dropped].s_public:
+                raise MalformedMessageError(
+                    f"the recovered mask key of dropped hospital {dropped} does not match its "
+                    "advertised public key: a holder revealed a wrong share")
+        for v in affected:
+            if key is not None:
+                seed = pair_seed(key, self._adverts[v].s_public, s.run_id, s.round, dropped, v)
+            elif v in self._reveals:
+                seed = self._reveals[v].pair_seeds[dropped]
+            else:
+                raise BelowThresholdError(
+                    f"cannot remove the pairwise mask between survivor {v} (silent during "
+                    f"unmask) and dropped hospital {dropped}: fewer than t={s.threshold} "
+                    f"holders revealed {dropped}'s key shares; restart the round")
+            add_mask(total, pair_mask(seed, s.vector_length), -pair_sign(v, dropped))
+
+    def _require(self, stage: str) -> None:
+        if self._stage != stage:
+            raise ProtocolViolationError(
+                f"run {self.setup.run_id!r} round {self.setup.round}: this step needs stage "
+                f"{stage!r}, the round is in {self._stage!r}")
