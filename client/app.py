@@ -1,7 +1,8 @@
 """The hospital's Flower ClientApp: trains and evaluates on the data folder of its node config.
 
 Node config (set by the SuperNode operator): `hospital` (name), `data-path` (DICOM folder),
-optional `threads` (torch CPU threads).
+optional `threads` (torch CPU threads); for secure aggregation also `identity-key`,
+`pinned-keys` and `state-dir` (see fedmri.client.secure_client).
 """
 
 from __future__ import annotations
@@ -10,26 +11,41 @@ import logging
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmri.client.hospital_data import HospitalData, load_hospital
-from fedmri.client.trainer import evaluate, train_local
+from fedmri.client import secure_client
 from fedmri.common import wire
 from fedmri.common.config import RunConfig
-from fedmri.common.models import build_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedmri.client.hospital_data import HospitalData
+
+# Flower starts a fresh process for every message: torch and MONAI (seconds to import) are
+# imported only by the handlers that train or evaluate, not by the secure-aggregation steps.
 
 app = ClientApp()
 log = logging.getLogger("fedmri.client")
 
 
+def _hospital(context: Context) -> str:
+    return str(context.node_config.get(wire.HOSPITAL, f"node-{context.node_id}"))
+
+
 def _setup(msg: Message, context: Context) -> tuple[str, RunConfig, torch.nn.Module, HospitalData,
                                                     float]:
-    hospital = str(context.node_config.get(wire.HOSPITAL, f"node-{context.node_id}"))
+    hospital = _hospital(context)
     if "data-path" not in context.node_config:
         raise ValueError(f"hospital {hospital}: node config has no 'data-path'")
+    import torch
+
+    from fedmri.client.hospital_data import load_hospital
+    from fedmri.common.models import build_model
+
     threads = int(context.node_config.get("threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
@@ -43,6 +59,8 @@ def _setup(msg: Message, context: Context) -> tuple[str, RunConfig, torch.nn.Mod
 
 def _val_metrics(model: torch.nn.Module, data: HospitalData, cfg: RunConfig
                  ) -> dict[str, int | float | list[int] | list[float]]:
+    from fedmri.client.trainer import evaluate
+
     result = evaluate(model, data.val, cfg)
     return {wire.VAL_DICE: result.dice, wire.VAL_LOSS: result.loss,
             wire.NUM_VAL: float(len(data.val))}
@@ -50,6 +68,9 @@ def _val_metrics(model: torch.nn.Module, data: HospitalData, cfg: RunConfig
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedmri.client.trainer import train_local
+    from fedmri.common.vectors import flatten_update
+
     hospital, cfg, model, data, load_s = _setup(msg, context)
     config = msg.content.config_records[wire.CONFIG]
     rnd = int(config[wire.ROUND])  # type: ignore[arg-type]
@@ -57,15 +78,34 @@ def train(msg: Message, context: Context) -> Message:
     if bool(config.get(wire.EVAL_FIRST, False)):
         metrics.update(_val_metrics(model, data, cfg))
     seed = cfg.seed + 1000 * rnd + zlib.crc32(hospital.encode()) % 1000
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_local(model, data.train, cfg, epochs=cfg.local_epochs, seed=seed)
     metrics.update({wire.NUM_EXAMPLES: float(len(data.train)), wire.TRAIN_LOSS: result.loss,
                     wire.TRAIN_SECONDS: result.seconds})
     log.info("event=trained hospital=%s round=%d loss=%.4f seconds=%.1f", hospital, rnd,
              result.loss, result.seconds)
-    return Message(RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()),
-                               wire.METRICS: MetricRecord(metrics),
-                               wire.INFO: ConfigRecord({wire.HOSPITAL: hospital})}),
-                   reply_to=msg)
+    reply = RecordDict({wire.METRICS: MetricRecord(metrics),
+                        wire.INFO: ConfigRecord({wire.HOSPITAL: hospital})})
+    if secure_client.is_secure(msg):
+        # Only the masked, quantized update leaves the hospital, never the weights.
+        update = flatten_update(model.state_dict(), global_state)
+        for name, record in secure_client.mask(msg, context, hospital, update,
+                                               len(data.train)).items():
+            reply[name] = record
+    else:
+        reply[wire.ARRAYS] = ArrayRecord(model.state_dict())
+    return Message(reply, reply_to=msg)
+
+
+@app.query()
+def secure_step(msg: Message, context: Context) -> Message:
+    """Secure-aggregation steps that carry no training: advertise keys, reveal for unmask."""
+    stage = secure_client.stage_of(msg)
+    if stage == wire.STAGE_ADVERTISE:
+        return secure_client.advertise(msg, context, _hospital(context))
+    if stage == wire.STAGE_UNMASK:
+        return secure_client.unmask(msg, context, _hospital(context))
+    raise ValueError(f"hospital {_hospital(context)}: unknown secure-aggregation stage {stage!r}")
 
 
 @app.evaluate()

@@ -7,9 +7,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -41,5 +42,7 @@ def save_json(path: Path, data: Any) -> None:
 def save_model(path: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
                extra: dict[str, Any] | None = None) -> None:
     """A checkpoint loadable with fedmri.common.models.load_model."""
+    import torch  # here, so modules that only write JSON do not pay for importing torch
+
     blob = {"state_dict": state_dict, "config": config, **(extra or {})}
     atomic_write(path, lambda fh: torch.save(blob, fh))

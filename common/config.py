@@ -23,6 +23,9 @@ class RunConfig:
     val_fraction: float = 0.25
     seed: int = 0
     amp: bool = True  # mixed precision where the device supports it (CUDA)
+    secure: bool = True  # secure aggregation (the server learns only the sum of updates)
+    secure_clip: float = 1.0  # per-coordinate clip of a hospital's update before masking
+    secure_max_weight: int = 10000  # most training volumes one hospital may weigh
 
     @property
     def spacing_mm(self) -> float:

@@ -25,3 +25,22 @@ LOAD_SECONDS = "load-seconds"
 VAL_DICE = "val-dice"
 VAL_LOSS = "val-loss"
 NUM_VAL = "num-val-examples"
+
+# Secure aggregation (fedmri.common.secagg carried in Flower messages, see
+# fedmri.server.secure_round): a ConfigRecord SECAGG with SECAGG_STAGE and the stage's
+# serialized protocol message; the masked vector travels as a uint32 array in an ArrayRecord.
+SECAGG = "secagg"
+SECAGG_STAGE = "stage"
+STAGE_ADVERTISE = "advertise"
+STAGE_MASK = "mask"
+STAGE_UNMASK = "unmask"
+SECAGG_SETUP = "setup"
+SECAGG_ADVERT = "advertise"
+SECAGG_KEYS = "keys"
+SECAGG_CLIP = "clip"
+SECAGG_SCALE = "scale"
+SECAGG_MAX_WEIGHT = "max-weight"
+SECAGG_SHARES = "shares"
+SECAGG_MASKED = "masked"
+SECAGG_REQUEST = "request"
+SECAGG_REVEAL = "reveal"

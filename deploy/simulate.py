@@ -21,8 +21,9 @@ from typing import Any
 
 from fedmri.common.checkpoint import save_json
 from fedmri.common.config import RunConfig
+from fedmri.common.identity import enroll_hospitals, secure_node_config
 from fedmri.common.layout import TEST_SITE, hospital_dirs
-from fedmri.deploy.processes import Supervisor, executable, flower_env, free_port, wait_for_port
+from fedmri.deploy.deployment import Deployment, FlowerApp, run_deployment
 
 log = logging.getLogger("fedmri.deploy")
 
@@ -36,71 +37,8 @@ class SimulateOptions:
     data: Path | None = None  # an existing cohort folder; default: synthesize into OUT/data
     timeout_s: float = 3600.0
     config: RunConfig = RunConfig()
+    stage_timeout_s: float = 120.0  # a secure-aggregation step without training
     tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> None:
-    """A Flower App whose components are the installed fedmri server and client apps."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    config_lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in run_config.items())
-    (app_dir / "pyproject.toml").write_text(f"""\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedmri-app"
-version = "1.0.0"
-description = "fedmri federated MRI segmentation"
-license = "MIT"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedmri"
-
-[tool.flwr.app.components]
-serverapp = "fedmri.server.app:app"
-clientapp = "fedmri.client.app:app"
-
-[tool.flwr.app.config]
-{config_lines}
-""")
-    # The FAB needs one module; the components themselves come from the installed package.
-    (app_dir / "fedmri_app.py").write_text('"""fedmri Flower App (components in fedmri)."""\n')
-
-
-def write_flower_home(home: Path, port: int, ca_cert: Path | None) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    security = (f"root-certificates = {json.dumps(str(ca_cert))}" if ca_cert
-                else "insecure = true")
-    (home / "config.toml").write_text(f"""\
-[superlink]
-default = "fedmri"
-
-[superlink.fedmri]
-address = "127.0.0.1:{port}"
-{security}
-""")
-
-
-def _tls_args(opts: SimulateOptions, folder: Path) -> tuple[list[str], list[str], Path | None]:
-    """Command-line flags for the SuperLink and the SuperNodes, and the CA to trust."""
-    if not opts.tls:
-        return ["--insecure"], ["--insecure"], None
-    from fedmri.common.tls import make_tls_files
-
-    tls = make_tls_files(folder)
-    link = ["--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
-            "--ssl-ca-certfile", str(tls.ca_cert)]
-    return link, ["--root-certificates", str(tls.ca_cert)], tls.ca_cert
 
 
 class EventTail:
@@ -159,52 +97,32 @@ def run_simulation(opts: SimulateOptions,
         raise ValueError(f"{data} has {len(sites)} hospital folders, {opts.hospitals} requested")
     cohort_s = time.perf_counter() - started
 
-    flwr_home = out / ".flwr"
-    port = free_port()
-    link_tls, node_tls, ca_cert = _tls_args(opts, flwr_home / "tls")
-    write_flower_home(flwr_home, port, ca_cert)
+    node_dir = out / ".flwr" / "nodes"
+    pinned = enroll_hospitals(node_dir, [site.name for site in sites])
     run_config = {**cfg.to_dict(), "out-dir": str(out), "min-nodes": len(sites),
-                  "node-wait-s": 300.0, "round-timeout-s": opts.timeout_s}
-    write_flower_app(flwr_home / "app", run_config)
-    env = flower_env({"FLWR_HOME": str(flwr_home)})
+                  "node-wait-s": 300.0, "round-timeout-s": opts.timeout_s,
+                  "stage-timeout-s": opts.stage_timeout_s, "pinned-keys": str(pinned)}
     threads = max(1, (os.cpu_count() or 1) // len(sites))
+    nodes = [(site.name, {"data-path": str(site), "threads": threads,
+                          **secure_node_config(node_dir, site.name, pinned)})
+             for site in sites]
     for stale in ("events.jsonl", "server_state.json"):
         (out / stale).unlink(missing_ok=True)
+    tail = EventTail(out / "events.jsonl")
+
+    def poll() -> dict[str, Any] | None:
+        outcome = None
+        for event in tail.read():
+            on_event(event)
+            if event.get("event") in ("done", "failed"):
+                outcome = event
+        return outcome
 
     fed_started = time.perf_counter()
-    with Supervisor(out / "logs") as sup:
-        link = sup.start("superlink", [executable("flower-superlink"), *link_tls,
-                                       "--disable-runtime-dependency-installation",
-                                       "--port", str(port)], env=env)
-        wait_for_port(port, 60, link, "flower-superlink")
-        for site in sites:
-            node_config = (f'hospital="{site.name}" data-path="{site}" threads={threads}')
-            sup.start(f"supernode-{site.name}", [
-                executable("flower-supernode"), *node_tls,
-                "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                "--node-config", node_config], env=env)
-        runner = sup.start("flwr-run", [executable("flwr"), "run", str(flwr_home / "app"),
-                                        "fedmri", "--stream"], env=env, cwd=out)
-        tail = EventTail(out / "events.jsonl")
-        deadline = time.monotonic() + opts.timeout_s
-        outcome: dict[str, Any] | None = None
-        while outcome is None:
-            for event in tail.read():
-                on_event(event)
-                if event.get("event") in ("done", "failed"):
-                    outcome = event
-            if outcome is None and runner.poll() is not None:
-                time.sleep(1.0)  # the ServerApp may flush its last event just after exit
-                for event in tail.read():
-                    on_event(event)
-                    if event.get("event") in ("done", "failed"):
-                        outcome = event
-                if outcome is None:
-                    raise RuntimeError(f"the run ended without finishing (flwr run exit code "
-                                       f"{runner.returncode}); see {out / 'logs'}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the run did not finish within {opts.timeout_s:.0f}s")
-            time.sleep(0.5)
+    outcome = run_deployment(
+        Deployment(home=out / ".flwr", workdir=out, nodes=nodes, tls=opts.tls,
+                   timeout_s=opts.timeout_s),
+        FlowerApp("fedmri.server.app:app", "fedmri.client.app:app", run_config), poll)
     if outcome["event"] == "failed":
         raise RuntimeError(f"the federation failed: {outcome['error']} (logs in {out / 'logs'})")
     fed_s = time.perf_counter() - fed_started

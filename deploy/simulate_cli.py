@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fedmri.common.config import RunConfig
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the supervisor stops every process it started.
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _with_progress_bar(opts: Any, rounds: int, run: Callable[..., dict[str, Any]],
@@ -55,6 +48,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path, default=None,
                         help="an existing cohort (from `fedmri synth`) instead of a new one")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    parser.add_argument("--secure", action=argparse.BooleanOptionalAction, default=True,
+                        help="secure aggregation: the server learns only the sum of the "
+                             "hospitals' updates (default); --no-secure for plain FedAvg")
+    parser.add_argument("--stage-timeout", type=float, default=120.0,
+                        help="seconds to wait for hospitals in a secure-aggregation step "
+                             "without training; later ones count as dropped")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS between the processes (default: TLS with a per-run CA)")
     args = parser.parse_args(argv)
@@ -64,29 +63,26 @@ def main(argv: list[str]) -> int:
         parser.error(f"{args.out} already holds a finished run; choose another --out")
     try:
         cfg = RunConfig(model=args.model, size=args.size, rounds=args.rounds,
-                        local_epochs=args.local_epochs, seed=args.seed)
+                        local_epochs=args.local_epochs, seed=args.seed, secure=args.secure)
         cfg.validate()
     except ValueError as err:
         parser.error(str(err))
 
+    from fedmri.deploy.deployment import run_guarded
     from fedmri.deploy.simulate import SimulateOptions, describe, run_simulation
 
-    signal.signal(signal.SIGTERM, _interrupt)
     opts = SimulateOptions(out=args.out, hospitals=args.hospitals, subjects=args.subjects,
                            seed=args.seed, data=args.data, timeout_s=args.timeout, config=cfg,
-                           tls=not args.insecure)
-    try:
+                           tls=not args.insecure, stage_timeout_s=args.stage_timeout)
+
+    def work() -> dict[str, Any]:
         if sys.stdout.isatty():
-            report = _with_progress_bar(opts, cfg.rounds, run_simulation, describe)
-        else:
-            report = run_simulation(opts)  # plain lines for logs and pipes
-    except KeyboardInterrupt:
-        print("simulate: interrupted; every process it started has been stopped",
-              file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, ValueError, FileNotFoundError) as err:
-        print(f"simulate: {err}", file=sys.stderr)
-        return 1
+            return _with_progress_bar(opts, cfg.rounds, run_simulation, describe)
+        return run_simulation(opts)  # plain lines for logs and pipes
+
+    report, code = run_guarded("simulate", work)
+    if report is None:
+        return code
     last = report["rounds"][-1]
     print(f"done in {report['seconds']['total']:.0f}s: global validation Dice "
           f"{last['global_val_dice']:.3f}, test-site Dice {report['test_dice']:.3f}")

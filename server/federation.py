@@ -24,8 +24,12 @@ from flwr.serverapp import Grid
 from fedmri.common import wire
 from fedmri.common.checkpoint import save_json, save_model
 from fedmri.common.config import RunConfig
+from fedmri.common.identity import load_pinned
 from fedmri.common.models import build_model
+from fedmri.common.secagg import QuantConfig, SecAggError
+from fedmri.common.vectors import apply_update, vector_length
 from fedmri.server.fedavg import weighted_average
+from fedmri.server.secure_round import SecureRound
 
 log = logging.getLogger("fedmri.server")
 
@@ -37,9 +41,12 @@ STATE_FILE = "server_state.json"
 @dataclass
 class FederationSettings:
     out_dir: Path
+    run_id: str = "0"
+    pinned_keys: Path | None = None  # enrolled hospitals' identity keys (secure aggregation)
     min_nodes: int = 1
     node_wait_s: float = 300.0
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = 3600.0  # a training step: the slowest hospital's training
+    stage_timeout_s: float = 120.0  # a secure-aggregation step without training
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Reply:
 class RoundOutcome:
     replies: list[Reply] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    aggregate_seconds: float = 0.0
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -79,6 +87,8 @@ class Federation:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
         self.emit = emit or event_file_sink(settings.out_dir)
         self.history: list[dict[str, Any]] = []
+        self._started = False
+        self.node_names: dict[int, str] = {}
         self.global_state = build_model(cfg).state_dict()
         self._resume()
 
@@ -105,22 +115,64 @@ class Federation:
 
     # -- messaging -----------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
+        """The connected nodes; the first round waits for `min_nodes`, later rounds go on with
+        whoever is connected (a hospital that left is a dropout, not a reason to stall)."""
+        required = self.settings.min_nodes if not self._started else 1
         deadline = time.monotonic() + self.settings.node_wait_s
         while True:
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.settings.min_nodes:
+            if len(nodes) >= required:
+                self._started = True
                 return nodes
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {len(nodes)} of {self.settings.min_nodes} hospitals connected within "
+                    f"only {len(nodes)} of {required} hospitals connected within "
                     f"{self.settings.node_wait_s:.0f}s; check that their SuperNodes are running")
             time.sleep(0.5)
 
+    def _round_content(self, rnd: int, eval_first: bool) -> RecordDict:
+        config = ConfigRecord({**self.cfg.to_dict(), wire.ROUND: rnd, wire.EVAL_FIRST: eval_first})
+        return RecordDict({wire.ARRAYS: ArrayRecord(self.global_state), wire.CONFIG: config})
+
+    def _secure_round(self, rnd: int, eval_first: bool
+                      ) -> tuple[RoundOutcome, int, dict[str, torch.Tensor] | None]:
+        """Steps of SecureRound; returns replies (metrics only) and the new global state,
+        or None when the round fell below the threshold (the model stays as it was)."""
+        if self.settings.pinned_keys is None:
+            raise ValueError("secure aggregation needs the run config 'pinned-keys' (the "
+                             "enrolled hospitals' identity keys)")
+        pinned = load_pinned(self.settings.pinned_keys)
+        quant = QuantConfig.for_clients(len(pinned), self.cfg.secure_clip,
+                                        self.cfg.secure_max_weight)
+        base = self._round_content(rnd, eval_first)
+        secure = SecureRound(self.grid, self.settings.run_id, rnd, pinned, quant,
+                             vector_length(self.global_state), self.settings.round_timeout_s,
+                             self.emit, stage_timeout_s=self.settings.stage_timeout_s,
+                             known_nodes=self.node_names)
+        new_state = None
+        try:
+            result = secure.run(self._wait_for_nodes(), lambda: RecordDict(dict(base.items())))
+            assert result.mean_update is not None
+            new_state = apply_update(self.global_state, result.mean_update)
+            self.emit({"event": "secure_sum", "round": rnd, "survivors": list(result.survivors),
+                       "error_bound": result.error_bound})
+        except SecAggError as err:
+            self.emit({"event": "round_skipped", "round": rnd,
+                       "reason": f"secure aggregation failed, global model unchanged: {err}"})
+        self.node_names.update(secure.hospital_of)
+        outcome = RoundOutcome(failures=list(secure.outcome.failures))
+        for item in secure.outcome.replies:
+            metrics = {k: float(v)  # type: ignore[arg-type]
+                       for k, v in item.message.content.metric_records[wire.METRICS].items()}
+            outcome.replies.append(Reply(item.hospital, metrics, upload_bytes=item.upload_bytes))
+        outcome.aggregate_seconds = secure.outcome.aggregate_seconds
+        return outcome, secure.outcome.bytes_down, new_state
+
     def _send(self, message_type: str, rnd: int, eval_first: bool) -> tuple[RoundOutcome, int]:
         nodes = self._wait_for_nodes()
-        arrays = ArrayRecord(self.global_state)
-        config = ConfigRecord({**self.cfg.to_dict(), wire.ROUND: rnd, wire.EVAL_FIRST: eval_first})
-        messages = [Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
+        content = self._round_content(rnd, eval_first)
+        arrays = content.array_records[wire.ARRAYS]
+        messages = [Message(RecordDict(dict(content.items())),
                             dst_node_id=node, message_type=message_type, group_id=str(rnd))
                     for node in nodes]
         replies = list(self.grid.send_and_receive(messages,
@@ -173,20 +225,27 @@ class Federation:
 
     def run_round(self, rnd: int) -> None:
         started = time.perf_counter()
-        outcome, bytes_down = self._send(MessageType.TRAIN, rnd, eval_first=rnd > 1)
-        comm_done = time.perf_counter()
-        self._record_validation(outcome)
-        # Sorted, so the float sums (and the model) do not depend on reply arrival order.
-        trained = sorted((r for r in outcome.replies if r.state is not None),
-                         key=lambda r: r.hospital)
-        agg_start = time.perf_counter()
-        if trained:
-            self.global_state = weighted_average(
-                [(r.state, r.metrics[wire.NUM_EXAMPLES]) for r in trained if r.state])
+        if self.cfg.secure:
+            outcome, bytes_down, new_state = self._secure_round(rnd, eval_first=rnd > 1)
+            comm_done = agg_start = time.perf_counter()
+            trained = sorted(outcome.replies, key=lambda r: r.hospital)
+            if new_state is not None:
+                self.global_state = new_state
         else:
-            self.emit({"event": "round_skipped", "round": rnd,
-                       "reason": "no hospital returned weights; global model unchanged"})
-        aggregate_s = time.perf_counter() - agg_start
+            outcome, bytes_down = self._send(MessageType.TRAIN, rnd, eval_first=rnd > 1)
+            comm_done = time.perf_counter()
+            # Sorted, so the float sums (and the model) do not depend on reply arrival order.
+            trained = sorted((r for r in outcome.replies if r.state is not None),
+                             key=lambda r: r.hospital)
+            agg_start = time.perf_counter()
+            if trained:
+                self.global_state = weighted_average(
+                    [(r.state, r.metrics[wire.NUM_EXAMPLES]) for r in trained if r.state])
+            else:
+                self.emit({"event": "round_skipped", "round": rnd,
+                           "reason": "no hospital returned weights; global model unchanged"})
+        self._record_validation(outcome)
+        aggregate_s = outcome.aggregate_seconds or time.perf_counter() - agg_start
         train_s = max((r.metrics[wire.TRAIN_SECONDS] for r in trained), default=0.0)
         seconds = time.perf_counter() - started
         record = {

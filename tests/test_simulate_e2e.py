@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -23,12 +24,18 @@ SMALL = ["--hospitals", "2", "--rounds", "2", "--subjects", "3", "--size", "32",
          "--local-epochs", "1", "--seed", "5"]
 
 
-def _flower_processes() -> list[psutil.Process]:
+def _flower_processes(out: Path) -> list[psutil.Process]:
+    """Flower processes of the run writing to `out` (their FLWR_HOME lies inside it)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if "flower-super" in cmd or "flwr-" in cmd or "flwr run" in cmd:
-            found.append(proc)
+            try:
+                home = proc.environ().get("FLWR_HOME", "")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if home.startswith(str(out)):
+                found.append(proc)
     return found
 
 
@@ -83,21 +90,60 @@ def test_simulate_runs_over_tls(finished_run: Path) -> None:
 
 
 def test_simulate_leaves_no_processes(finished_run: Path) -> None:
-    assert _flower_processes() == []
+    assert _flower_processes(finished_run) == []
 
 
-def test_same_seed_same_result(finished_run: Path, cohort: Path, tmp_path: Path) -> None:
-    out = tmp_path / "again"
-    done = subprocess.run([*FEDMRI, "simulate", *SMALL, "--data", str(cohort), "--out", str(out)],
+def _simulate(cohort: Path, out: Path, *extra: str) -> Path:
+    args = [*SMALL, "--rounds", "1", *extra]  # a later --rounds overrides SMALL's
+    done = subprocess.run([*FEDMRI, "simulate", *args, "--data", str(cohort), "--out", str(out)],
                           capture_output=True, text=True, env=_env(), timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    first = torch.load(finished_run / "global_model.pt", weights_only=True)["state_dict"]
-    second = torch.load(out / "global_model.pt", weights_only=True)["state_dict"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _events(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = torch.load(out / "global_model.pt",
+                                                weights_only=True)["state_dict"]
+    return state
+
+
+@pytest.fixture(scope="module")
+def plain_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _simulate(cohort, tmp_path_factory.mktemp("plain") / "out", "--no-secure")
+
+
+def test_simulate_is_secure_by_default(finished_run: Path) -> None:
+    sums = [e for e in _events(finished_run) if e["event"] == "secure_sum"]
+    assert [e["round"] for e in sums] == [1, 2]
+    assert all(e["survivors"] == ["hospital-1", "hospital-2"] for e in sums)
+    report = json.loads((finished_run / "report.json").read_text())
+    assert report["config"]["secure"] is True
+
+
+def test_same_seed_same_result(plain_run: Path, cohort: Path, tmp_path: Path) -> None:
+    again = _simulate(cohort, tmp_path / "again", "--no-secure")
+    first, second = _weights(plain_run), _weights(again)
     for key in first:
         assert torch.equal(first[key], second[key]), key
-    a = json.loads((finished_run / "report.json").read_text())
-    b = json.loads((out / "report.json").read_text())
+    a = json.loads((plain_run / "report.json").read_text())
+    b = json.loads((again / "report.json").read_text())
     assert a["test_dice"] == b["test_dice"]
+    assert not any(e["event"] == "secure_sum" for e in _events(plain_run))
+
+
+def test_secure_and_plain_models_differ_only_within_the_quantization_bound(
+        plain_run: Path, cohort: Path, tmp_path: Path) -> None:
+    secure = _simulate(cohort, tmp_path / "secure", "--secure")
+    bound = [e for e in _events(secure) if e["event"] == "secure_sum"][0]["error_bound"]
+    assert 0 < bound < 1e-4
+    plain, masked = _weights(plain_run), _weights(secure)
+    worst = max(float((plain[k].double() - masked[k].double()).abs().max()) for k in plain)
+    assert worst > 0  # stochastic rounding really happened
+    assert worst <= bound + 1e-6  # + float32 rounding of the stored weights
 
 
 def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
@@ -111,7 +157,7 @@ def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
     while time.monotonic() < deadline and not (out / "events.jsonl").exists():
         time.sleep(0.5)
     assert (out / "events.jsonl").exists(), "the run never started"
-    running = _flower_processes()
+    running = _flower_processes(out)
     assert running, "no Flower processes while running"
     for flower in running:
         try:
@@ -127,4 +173,44 @@ def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "stopped" in err.decode()
     time.sleep(1)
-    assert _flower_processes() == []
+    assert _flower_processes(out) == []
+
+
+@pytest.fixture(scope="module")
+def cohort3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("cohort3") / "data"
+    done = subprocess.run([*FEDMRI, "synth", "--hospitals", "3", "--subjects", "2",
+                           "--seed", "6", "--out", str(data)], capture_output=True, text=True,
+                          env=_env())
+    assert done.returncode == 0, done.stderr
+    return data
+
+
+def test_hospital_killed_mid_run_drops_out_and_the_round_completes(cohort3: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "dropout"
+    proc = subprocess.Popen([*FEDMRI, "simulate", "--hospitals", "3", "--rounds", "2",
+                             "--size", "32", "--local-epochs", "1", "--stage-timeout", "20",
+                             "--data", str(cohort3), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    deadline = time.monotonic() + 600
+    while not any(e["event"] == "round_done" for e in
+                  (_events(out) if (out / "events.jsonl").exists() else [])):
+        assert time.monotonic() < deadline and proc.poll() is None, "round 1 never finished"
+        time.sleep(0.5)
+    victims = [p for p in _flower_processes(out)
+               if 'hospital="hospital-3"' in " ".join(p.cmdline())]
+    assert victims, "no SuperNode of hospital-3 found"
+    for victim in victims:  # SIGKILL: no goodbye to the SuperLink, as in a crash
+        for child in victim.children(recursive=True):
+            child.kill()
+        victim.kill()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["rounds"][0]["hospitals"]) == {"hospital-1", "hospital-2", "hospital-3"}
+    assert set(report["rounds"][1]["hospitals"]) == {"hospital-1", "hospital-2"}
+    assert any("hospital-3" in f for f in report["rounds"][1]["failures"]), report["rounds"][1]
+    sums = [e for e in _events(out) if e["event"] == "secure_sum"]
+    assert sums[-1]["round"] == 2 and sums[-1]["survivors"] == ["hospital-1", "hospital-2"]
+    assert _flower_processes(out) == []
