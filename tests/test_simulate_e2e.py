@@ -43,14 +43,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("cohort") / "data"
-    done = subprocess.run([*FEDMRI, "synth", "--hospitals", "2", "--subjects", "3",
-                           "--seed", "5", "--out", str(data)], capture_output=True, text=True,
-                          env=_env())
+def _synth(folder: Path, hospitals: int, subjects: int, seed: int) -> Path:
+    data = folder / "data"
+    done = subprocess.run([*FEDMRI, "synth", "--hospitals", str(hospitals), "--subjects",
+                           str(subjects), "--seed", str(seed), "--out", str(data)],
+                          capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
     return data
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synth(tmp_path_factory.mktemp("cohort"), hospitals=2, subjects=3, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +182,7 @@ def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cohort3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("cohort3") / "data"
-    done = subprocess.run([*FEDMRI, "synth", "--hospitals", "3", "--subjects", "2",
-                           "--seed", "6", "--out", str(data)], capture_output=True, text=True,
-                          env=_env())
-    assert done.returncode == 0, done.stderr
-    return data
+    return _synth(tmp_path_factory.mktemp("cohort3"), hospitals=3, subjects=2, seed=6)
 
 
 def test_hospital_killed_mid_run_drops_out_and_the_round_completes(cohort3: Path,
