@@ -78,7 +78,8 @@ def score_site(model_path: Path, site: Path, sample_png: Path | None) -> dict[st
 
         pred, _ = predict(model, cases[0].image, cfg)
         save_sample(cases[0].image[0], cases[0].label, pred, sample_png,
-                    f"{site.name} / {cases[0].name} (site Dice over {len(cases)} cases: {result.dice:.3f})")
+                    f"{site.name} / {cases[0].name} "
+                    f"(site Dice over {len(cases)} cases: {result.dice:.3f})")
     return {"dice": result.dice, "per_class": result.per_class, "loss": result.loss,
             "cases": len(cases), "site": str(site), "rejected": data.rejected}
 
