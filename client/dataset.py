@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmri.client.dicom import SeriesError, SeriesResult, load_series, scan
+from fedmri.client.dicom import SeriesResult, scan
 from fedmri.common.dicom_write import read_label_nifti
 from fedmri.common.geometry import Volume, model_grid, resample
 
@@ -57,7 +57,7 @@ def _affine_tolerance(volume: Volume) -> float:
 
 
 def _case(
-    result: SeriesResult, data_dir: Path, size: int, fov_mm: float
+    result: SeriesResult, volume: Volume, data_dir: Path, size: int, fov_mm: float
 ) -> tuple[Case | None, str | None]:
     """(case, None) or (None, reason)."""
     label_path = result.path / LABEL_NAME
@@ -66,7 +66,6 @@ def _case(
             f"no {LABEL_NAME} in {result.path}: put the segmentation of this series there "
             "(same grid as the series, see fedmri.common.dicom_write.write_label_nifti)"
         )
-    volume = load_series(result)
     try:
         label_array, label_affine = read_label_nifti(label_path)
     except Exception as exc:  # nibabel raises several types on damaged files
@@ -123,7 +122,13 @@ def load_cases(
     data_dir = Path(data_dir)
     if size < 1 or fov_mm <= 0:
         raise ValueError(f"size must be >= 1 and fov_mm > 0, got {size}, {fov_mm}")
-    results = scan(data_dir)
+    built: dict[str | None, tuple[Case | None, str | None]] = {}
+
+    def build(result: SeriesResult, volume: Volume) -> None:
+        # Resample while the scan holds the volume: the pixels are read once.
+        built[result.series_uid] = _case(result, volume, data_dir, size, fov_mm)
+
+    results = scan(data_dir, on_volume=build)
     per_folder: dict[Path, int] = defaultdict(int)
     for r in results:
         if r.accepted:
@@ -142,10 +147,7 @@ def load_cases(
             )
             out.append(dataclasses.replace(r, status="rejected", reason=reason))
             continue
-        try:
-            case, reason = _case(r, data_dir, size, fov_mm)
-        except SeriesError as exc:
-            case, reason = None, str(exc)
+        case, reason = built[r.series_uid]
         if case is None:
             out.append(dataclasses.replace(r, status="rejected", reason=reason))
         else:

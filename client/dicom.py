@@ -671,13 +671,17 @@ def load_series(result_or_files: SeriesResult | Sequence[Path | str]) -> Volume:
 
 
 def scan(
-    root: Path, *, progress: Callable[[str, int, int], None] | None = None
+    root: Path,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_volume: Callable[[SeriesResult, Volume], None] | None = None,
 ) -> list[SeriesResult]:
     """Find every series under `root` and say whether it is usable, and why not.
 
     Results come in the order of each series' first file in a sorted walk (deterministic).
     `progress(stage, done, total)` is called while reading ("read") and checking
-    ("check"), for progress bars."""
+    ("check"), for progress bars. Checking builds every volume; `on_volume(result, volume)`
+    receives each accepted one, so a caller that needs the pixels does not read them again."""
     root = Path(root)
     files = list(_walk(root))
     entries: list[tuple[int, SeriesResult]] = []
@@ -750,6 +754,8 @@ def scan(
                 ),
                 files=paths,
             )
+            if on_volume is not None:
+                on_volume(result, volume)
         entries.append((first_index[uid], result))
     if progress is not None:
         progress("check", len(groups), len(groups))

@@ -27,10 +27,6 @@ class RunConfig:
     secure_clip: float = 1.0  # per-coordinate clip of a hospital's update before masking
     secure_max_weight: int = 10000  # most training volumes one hospital may weigh
 
-    @property
-    def spacing_mm(self) -> float:
-        return self.fov_mm / self.size
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

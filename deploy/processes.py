@@ -117,9 +117,6 @@ class Supervisor:
         log.info("event=process_started name=%s pid=%d", name, proc.pid)
         return proc
 
-    def stop(self, name: str, grace_s: float = 10.0) -> None:
-        self._stop([m for m in self.procs if m.name == name], grace_s)
-
     def stop_all(self, grace_s: float = 10.0) -> None:
         self._stop(list(self.procs), grace_s)
         # Anything left is an orphan re-parented to us (we are its subreaper).

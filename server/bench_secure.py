@@ -4,7 +4,6 @@ aggregate update of a round is the weighted mean of the clients' vectors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ def _secure_rounds(bench: BenchRecorder, context: Context) -> dict[str, Any]:
                 wire.CONFIG: ConfigRecord({wire.ROUND: rnd})})
             secure = SecureRound(bench.grid, str(context.run_id), rnd, pinned, quant,
                                  cohort.params, bench.round_timeout_s, lambda e: None)
-            outcome = secure.run(nodes, _copier(content))
+            outcome = secure.run(nodes, content)
             if outcome.failures or outcome.mean_update is None:
                 raise RuntimeError(f"round {rnd}: {'; '.join(outcome.failures)}")
         bench.score(stats, outcome.mean_update)
@@ -42,11 +41,6 @@ def _secure_rounds(bench: BenchRecorder, context: Context) -> dict[str, Any]:
     return {"aggregation": "fedmri secure aggregation: 3 round trips, uint32 masked vectors",
             "clip": quant.clip, "scale": quant.scale, "max_weight": quant.max_weight,
             "error_bound": max(bounds)}
-
-
-def _copier(content: RecordDict) -> Callable[[], RecordDict]:
-    """Step 2's content for each node: the same records in a fresh RecordDict."""
-    return lambda: RecordDict(dict(content.items()))
 
 
 @secure_app.main()

@@ -29,7 +29,7 @@ from fedmri.common.models import build_model
 from fedmri.common.secagg import QuantConfig, SecAggError
 from fedmri.common.vectors import apply_update, vector_length
 from fedmri.server.fedavg import weighted_average
-from fedmri.server.secure_round import SecureRound
+from fedmri.server.secure_round import SecureRound, payload_bytes
 
 log = logging.getLogger("fedmri.server")
 
@@ -62,10 +62,6 @@ class RoundOutcome:
     replies: list[Reply] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     aggregate_seconds: float = 0.0
-
-
-def array_bytes(record: ArrayRecord) -> int:
-    return sum(len(arr.data) for arr in record.values())
 
 
 def event_file_sink(out_dir: Path) -> EventSink:
@@ -151,7 +147,7 @@ class Federation:
                              known_nodes=self.node_names)
         new_state = None
         try:
-            result = secure.run(self._wait_for_nodes(), lambda: RecordDict(dict(base.items())))
+            result = secure.run(self._wait_for_nodes(), base)
             assert result.mean_update is not None
             new_state = apply_update(self.global_state, result.mean_update)
             self.emit({"event": "secure_sum", "round": rnd, "survivors": list(result.survivors),
@@ -170,9 +166,8 @@ class Federation:
 
     def _send(self, message_type: str, rnd: int, eval_first: bool) -> tuple[RoundOutcome, int]:
         nodes = self._wait_for_nodes()
-        content = self._round_content(rnd, eval_first)
-        arrays = content.array_records[wire.ARRAYS]
-        messages = [Message(RecordDict(dict(content.items())),
+        outgoing = self._round_content(rnd, eval_first)
+        messages = [Message(RecordDict(dict(outgoing.items())),
                             dst_node_id=node, message_type=message_type, group_id=str(rnd))
                     for node in nodes]
         replies = list(self.grid.send_and_receive(messages,
@@ -192,7 +187,7 @@ class Federation:
             if wire.ARRAYS in content.array_records:
                 record = content.array_records[wire.ARRAYS]
                 item.state = record.to_torch_state_dict()
-                item.upload_bytes = array_bytes(record)
+                item.upload_bytes = payload_bytes(content)
             outcome.replies.append(item)
         for node in nodes:
             if node not in answered:
@@ -200,7 +195,7 @@ class Federation:
                                         f"{self.settings.round_timeout_s:.0f}s")
         for failure in outcome.failures:
             self.emit({"event": "hospital_failed", "round": rnd, "reason": failure})
-        return outcome, array_bytes(arrays) * len(nodes)
+        return outcome, payload_bytes(outgoing) * len(nodes)
 
     # -- rounds --------------------------------------------------------------------------
     def _record_validation(self, outcome: RoundOutcome) -> None:

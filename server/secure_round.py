@@ -65,7 +65,8 @@ def _stage_record(stage: str, **fields: bytes | str | int | float) -> ConfigReco
     return ConfigRecord({wire.SECAGG_STAGE: stage, **fields})
 
 
-def _payload_bytes(content: RecordDict) -> int:
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's arrays and config values: the measure of bytes_up/bytes_down."""
     total = 0
     for record in content.array_records.values():
         total += sum(len(a.data) for a in record.values())
@@ -75,7 +76,7 @@ def _payload_bytes(content: RecordDict) -> int:
 
 
 class SecureRound:
-    """Runs one round; `train_content()` gives the global weights + config for step 2."""
+    """Runs one round; `train_content` holds the global weights + config for step 2."""
 
     def __init__(self, grid: Grid, run_id: str, rnd: int, pinned: dict[str, bytes],
                  quant: QuantConfig, vector_length: int, timeout_s: float,
@@ -93,7 +94,7 @@ class SecureRound:
         self.known_nodes = known_nodes or {}  # earlier rounds' bindings, to name dropouts
 
     def _exchange(self, messages: list[Message], timeout_s: float) -> list[Message]:
-        self.outcome.bytes_down += sum(_payload_bytes(m.content) for m in messages)
+        self.outcome.bytes_down += sum(payload_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
         answered = {r.metadata.src_node_id for r in replies}
         for m in messages:
@@ -129,11 +130,11 @@ class SecureRound:
             except (SecAggError, KeyError, ValueError) as err:
                 self._fail(node, f"advertisement rejected: {err}")
 
-    def mask(self, train_content: Callable[[], RecordDict]) -> None:
+    def mask(self, train_content: RecordDict) -> None:
         keys = self.agg.finish_advertise()
         messages = []
         for node, hospital in sorted(self.hospital_of.items()):
-            content = train_content()
+            content = RecordDict(dict(train_content.items()))  # same records, own SECAGG
             fields: dict[str, bytes | str | int | float] = {
                 wire.SECAGG_KEYS: keys[hospital].to_bytes(), wire.SECAGG_CLIP: self.quant.clip,
                 wire.SECAGG_SCALE: self.quant.scale, wire.SECAGG_MAX_WEIGHT: self.quant.max_weight}
@@ -151,7 +152,7 @@ class SecureRound:
                 self.agg.receive_shares(shares)
                 self.agg.receive_masked(MaskedVector(self.run_id, self.rnd, hospital, vector))
                 self.outcome.replies.append(
-                    SecureReply(hospital, reply, _payload_bytes(reply.content)))
+                    SecureReply(hospital, reply, payload_bytes(reply.content)))
             except (SecAggError, KeyError, ValueError) as err:
                 self._fail(node, f"masked update rejected: {err}")
 
@@ -174,7 +175,7 @@ class SecureRound:
             except (SecAggError, KeyError, ValueError) as err:
                 self._fail(node, f"reveal rejected: {err}")
 
-    def run(self, nodes: list[int], train_content: Callable[[], RecordDict]) -> SecureOutcome:
+    def run(self, nodes: list[int], train_content: RecordDict) -> SecureOutcome:
         """All three steps; a round below threshold raises SecAggError (caller keeps model)."""
         self.advertise(nodes)
         self.mask(train_content)
