@@ -1,5 +1,6 @@
 """`ours` in `fedmri bench secagg`: the client masks its benchmark vector with our secure
-aggregation (fedmri.client.secure_client), measured like the other variants."""
+aggregation (fedmri.client.secure_client), measured like the other variants. The unmask step
+also answers the next round's advertise when the server sends its setup along."""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """The hospital's side of secure aggregation inside the ClientApp (see server/secure_round).
 
-Flower starts a fresh ClientApp process per message, so the round's protocol state (which
-holds ephemeral private keys) is kept between messages in a node-local file, owner-readable
-only, and deleted after the unmask step. Node config: `identity-key` (the hospital's Ed25519
-key, PEM), `pinned-keys` (the enrolled hospitals' public keys, JSON), `state-dir`.
+Flower starts a fresh ClientApp process per message, so a round's protocol state (which
+holds ephemeral private keys) is kept between messages in a node-local file per (run, round),
+owner-readable only. It is deleted after the round's unmask step; making a round's keys (a
+separate advertise, or the next round's advertise answered with the unmask reply) also deletes
+the files of the run's earlier rounds, such as those of a round that ended before unmasking.
+Node config: `identity-key` (the hospital's Ed25519 key, PEM), `pinned-keys` (the enrolled
+hospitals' public keys, JSON), `state-dir`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fedmri.common import wire
 from fedmri.common.identity import load_identity, load_pinned
 from fedmri.common.secagg import (
     KeysBroadcast,
+    ProtocolViolationError,
     QuantConfig,
     RoundSetup,
     SecAggClient,
@@ -35,6 +39,16 @@ def _state_file(context: Context, run_id: str, rnd: int) -> Path:
     folder = _node_path(context, "state-dir")
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     return folder / f"secagg-{run_id}-{rnd}.state"
+
+
+def _drop_earlier_states(path: Path, run_id: str, rnd: int) -> None:
+    """Delete the state files of the run's rounds before `rnd` (their keys are never used
+    again: a round's messages are refused in any other round)."""
+    prefix = f"secagg-{run_id}-"
+    for old in path.parent.glob(f"{prefix}*.state"):
+        suffix = old.name[len(prefix):-len(".state")]
+        if suffix.isdigit() and int(suffix) < rnd:
+            old.unlink(missing_ok=True)
 
 
 def _save(path: Path, state: bytes) -> None:
@@ -62,14 +76,24 @@ def stage_of(msg: Message) -> str:
     return str(msg.content.config_records[wire.SECAGG][wire.SECAGG_STAGE])
 
 
-def advertise(msg: Message, context: Context, hospital: str) -> Message:
-    record = msg.content.config_records[wire.SECAGG]
-    setup = RoundSetup.from_bytes(bytes(record[wire.SECAGG_SETUP]))  # type: ignore[arg-type]
+def _advertise(setup: RoundSetup, context: Context, hospital: str) -> bytes:
+    """Fresh signed keys for the round; their private halves go to the round's state file."""
     client = _client(context, hospital)
     advert = client.advertise(setup)
-    _save(_state_file(context, setup.run_id, setup.round), client.export_state())
-    return Message(RecordDict({wire.SECAGG: ConfigRecord(
-        {wire.SECAGG_ADVERT: advert.to_bytes()})}), reply_to=msg)
+    state = _state_file(context, setup.run_id, setup.round)
+    _save(state, client.export_state())
+    _drop_earlier_states(state, setup.run_id, setup.round)
+    return advert.to_bytes()
+
+
+def _setup_of(record: ConfigRecord) -> RoundSetup:
+    return RoundSetup.from_bytes(bytes(record[wire.SECAGG_SETUP]))  # type: ignore[arg-type]
+
+
+def advertise(msg: Message, context: Context, hospital: str) -> Message:
+    advert = _advertise(_setup_of(msg.content.config_records[wire.SECAGG]), context, hospital)
+    return Message(RecordDict({wire.SECAGG: ConfigRecord({wire.SECAGG_ADVERT: advert})}),
+                   reply_to=msg)
 
 
 def mask(msg: Message, context: Context, hospital: str, update: np.ndarray,
@@ -92,10 +116,20 @@ def mask(msg: Message, context: Context, hospital: str, update: np.ndarray,
 
 
 def unmask(msg: Message, context: Context, hospital: str) -> Message:
+    """Reveal for this round; if the message carries the next round's setup, also advertise
+    fresh keys for it in the same reply."""
     record = msg.content.config_records[wire.SECAGG]
     request = UnmaskRequest.from_bytes(bytes(record[wire.SECAGG_REQUEST]))  # type: ignore[arg-type]
+    following = _setup_of(record) if wire.SECAGG_SETUP in record else None
+    if following and (following.run_id, following.round) != (request.run_id, request.round + 1):
+        raise ProtocolViolationError(
+            f"hospital {hospital}: the setup sent with the unmask request of run "
+            f"{request.run_id!r} round {request.round} is for run {following.run_id!r} round "
+            f"{following.round}, not the next round; refusing")
     state = _state_file(context, request.run_id, request.round)
-    reveal = _client(context, hospital, state).unmask(request)
+    reply = ConfigRecord(
+        {wire.SECAGG_REVEAL: _client(context, hospital, state).unmask(request).to_bytes()})
     state.unlink(missing_ok=True)
-    return Message(RecordDict({wire.SECAGG: ConfigRecord(
-        {wire.SECAGG_REVEAL: reveal.to_bytes()})}), reply_to=msg)
+    if following:
+        reply[wire.SECAGG_ADVERT] = _advertise(following, context, hospital)
+    return Message(RecordDict({wire.SECAGG: reply}), reply_to=msg)

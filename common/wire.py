@@ -29,6 +29,12 @@ NUM_VAL = "num-val-examples"
 # Secure aggregation (fedmri.common.secagg carried in Flower messages, see
 # fedmri.server.secure_round): a ConfigRecord SECAGG with SECAGG_STAGE and the stage's
 # serialized protocol message; the masked vector travels as a uint32 array in an ArrayRecord.
+#   query advertise  server: STAGE_ADVERTISE, SETUP            client: ADVERT
+#   train mask       server: STAGE_MASK, KEYS, CLIP, SCALE,     client: SHARES, and MASKED
+#                    MAX_WEIGHT (+ ARRAYS, CONFIG)                      (+ METRICS, INFO)
+#   query unmask     server: STAGE_UNMASK, REQUEST [, SETUP]    client: REVEAL [, ADVERT]
+# An unmask request carries the next round's SETUP unless it is the run's last round; the reply
+# then carries the hospital's ADVERT for that round, which therefore skips the advertise query.
 SECAGG = "secagg"
 SECAGG_STAGE = "stage"
 STAGE_ADVERTISE = "advertise"

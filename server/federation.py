@@ -29,7 +29,7 @@ from fedmri.common.models import build_model
 from fedmri.common.secagg import QuantConfig, SecAggError
 from fedmri.common.vectors import apply_update, vector_length
 from fedmri.server.fedavg import weighted_average
-from fedmri.server.secure_round import SecureRound, payload_bytes
+from fedmri.server.secure_round import Advertised, SecureRound, payload_bytes
 
 log = logging.getLogger("fedmri.server")
 
@@ -85,6 +85,7 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self._started = False
         self.node_names: dict[int, str] = {}
+        self._advertised: Advertised | None = None  # next round's keys, from the last unmask
         self.global_state = build_model(cfg).state_dict()
         self._resume()
 
@@ -144,10 +145,11 @@ class Federation:
         secure = SecureRound(self.grid, self.settings.run_id, rnd, pinned, quant,
                              vector_length(self.global_state), self.settings.round_timeout_s,
                              self.emit, stage_timeout_s=self.settings.stage_timeout_s,
-                             known_nodes=self.node_names)
+                             known_nodes=self.node_names, advertised=self._advertised)
         new_state = None
         try:
-            result = secure.run(self._wait_for_nodes(), base)
+            result = secure.run(self._wait_for_nodes(), base,
+                                advertise_next=rnd < self.cfg.rounds)
             assert result.mean_update is not None
             new_state = apply_update(self.global_state, result.mean_update)
             self.emit({"event": "secure_sum", "round": rnd, "survivors": list(result.survivors),
@@ -156,6 +158,7 @@ class Federation:
             self.emit({"event": "round_skipped", "round": rnd,
                        "reason": f"secure aggregation failed, global model unchanged: {err}"})
         self.node_names.update(secure.hospital_of)
+        self._advertised = secure.next
         outcome = RoundOutcome(failures=list(secure.outcome.failures))
         for item in secure.outcome.replies:
             metrics = {k: float(v)  # type: ignore[arg-type]

@@ -1,11 +1,18 @@
-"""One secure-aggregation round carried by Flower messages (three round trips).
+"""Secure-aggregation rounds carried by Flower messages: two round trips per round, three in
+the first.
 
-1. `query` ADVERTISE: every node gets the round setup and answers with its signed ephemeral
-   keys; the signature (checked against the pinned identity keys) binds node and hospital.
+1. `query` ADVERTISE: a node gets the round setup and answers with its signed ephemeral keys;
+   the signature (checked against the pinned identity keys) binds node and hospital. Only the
+   nodes without keys for the round get it: all of them in a run's first round (or after a
+   round that ended before its unmask step, or a coordinator restart), else only a hospital
+   that joined, or did not answer the previous round's unmask step.
 2. `train` MASK: every advertiser gets the global weights, the run config and the keys of its
    neighbours; it trains, quantizes its weighted update and answers with encrypted shares and
    the masked vector (uint32, carried in an ArrayRecord, which Flower sends in chunks).
-3. `query` UNMASK: survivors reveal what removes the masks; the server learns only the sum.
+3. `query` UNMASK (+ next ADVERTISE): survivors reveal what removes the masks; the server
+   learns only the sum. Unless this is the last round, the message also carries the next
+   round's setup and the reply the hospital's signed fresh keys for it (`Advertised`), so the
+   next round starts at step 2.
 
 The server side never holds an unmasked individual update: `ServerAggregator` keeps masked
 vectors only, and `aggregate` returns the survivors' sum.
@@ -57,6 +64,15 @@ class SecureOutcome:
     aggregate_seconds: float = 0.0  # unmasking and dequantizing on the server
 
 
+@dataclass
+class Advertised:
+    """A round's keys collected before it starts, on the previous round's unmask replies: its
+    aggregator (still in the advertise stage) and the node -> hospital binding of each key."""
+
+    agg: ServerAggregator
+    hospital_of: dict[int, str]
+
+
 def _message(content: RecordDict, node: int, kind: str, rnd: int) -> Message:
     return Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd))
 
@@ -76,12 +92,17 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 class SecureRound:
-    """Runs one round; `train_content` holds the global weights + config for step 2."""
+    """Runs one round; `train_content` holds the global weights + config for step 2.
+
+    `advertised`: the keys the previous round collected for this one (its `next`); used when
+    they are for this run, round, participants and pinned keys, else ignored.
+    """
 
     def __init__(self, grid: Grid, run_id: str, rnd: int, pinned: dict[str, bytes],
                  quant: QuantConfig, vector_length: int, timeout_s: float,
                  emit: Callable[[dict[str, object]], None], stage_timeout_s: float = 120.0,
-                 known_nodes: dict[int, str] | None = None) -> None:
+                 known_nodes: dict[int, str] | None = None,
+                 advertised: Advertised | None = None) -> None:
         self.grid, self.run_id, self.rnd, self.timeout_s = grid, run_id, rnd, timeout_s
         self.stage_timeout_s = stage_timeout_s
         self.quant, self.emit = quant, emit
@@ -89,9 +110,13 @@ class SecureRound:
         # Participants are the enrolled hospitals; those that do not advertise drop out.
         self.agg = ServerAggregator.start_round(run_id, rnd, sorted(pinned),
                                                 vector_length + 1, pinned)
-        self.outcome = SecureOutcome(None, 0, ())
         self.hospital_of: dict[int, str] = {}  # this round's signed node -> hospital binding
+        if advertised is not None and advertised.agg.setup == self.agg.setup \
+                and advertised.agg.pinned == pinned:
+            self.agg, self.hospital_of = advertised.agg, dict(advertised.hospital_of)
+        self.outcome = SecureOutcome(None, 0, ())
         self.known_nodes = known_nodes or {}  # earlier rounds' bindings, to name dropouts
+        self.next: Advertised | None = None  # the next round's keys, after `unmask`
 
     def _exchange(self, messages: list[Message], timeout_s: float) -> list[Message]:
         self.outcome.bytes_down += sum(payload_bytes(m.content) for m in messages)
@@ -114,21 +139,27 @@ class SecureRound:
         self.outcome.failures.append(text)
         self.emit({"event": "hospital_failed", "round": self.rnd, "reason": text})
 
+    def _take_advert(self, into: Advertised, reply: Message) -> None:
+        """Admit a reply's signed keys for `into`'s round; a refusal fails the node."""
+        node = reply.metadata.src_node_id
+        try:
+            advert = Advertise.from_bytes(_field(reply, wire.SECAGG_ADVERT))
+            if advert.sender in into.hospital_of.values():
+                raise SecAggError(f"hospital {advert.sender} answered from two nodes")
+            into.agg.receive_advertise(advert)  # checks run, round and the pinned signature
+            into.hospital_of[node] = advert.sender
+        except (SecAggError, KeyError, ValueError) as err:
+            self._fail(node, f"advertisement for round {into.agg.setup.round} rejected: {err}")
+
     def advertise(self, nodes: list[int]) -> None:
+        """Step 1 for the nodes without keys for this round."""
         setup = self.agg.setup.to_bytes()
         content = RecordDict({wire.SECAGG: _stage_record(wire.STAGE_ADVERTISE,
                                                          **{wire.SECAGG_SETUP: setup})})
+        here = Advertised(self.agg, self.hospital_of)
         for reply in self._exchange([_message(content, n, MessageType.QUERY, self.rnd)
                                      for n in nodes], self.stage_timeout_s):
-            node = reply.metadata.src_node_id
-            try:
-                advert = Advertise.from_bytes(_field(reply, wire.SECAGG_ADVERT))
-                self.agg.receive_advertise(advert)  # checks the signature against the pin
-                if advert.sender in self.hospital_of.values():
-                    raise SecAggError(f"hospital {advert.sender} answered from two nodes")
-                self.hospital_of[node] = advert.sender
-            except (SecAggError, KeyError, ValueError) as err:
-                self._fail(node, f"advertisement rejected: {err}")
+            self._take_advert(here, reply)
 
     def mask(self, train_content: RecordDict) -> None:
         keys = self.agg.finish_advertise()
@@ -156,12 +187,19 @@ class SecureRound:
             except (SecAggError, KeyError, ValueError) as err:
                 self._fail(node, f"masked update rejected: {err}")
 
-    def unmask(self) -> None:
+    def unmask(self, advertise_next: bool = False) -> None:
+        """Step 3; with `advertise_next`, also step 1 of the next round (into `self.next`)."""
         requests = self.agg.finish_masking()
         node_of = {h: n for n, h in self.hospital_of.items()}
+        extra: dict[str, bytes | str | int | float] = {}
+        if advertise_next:
+            s = self.agg.setup
+            self.next = Advertised(ServerAggregator.start_round(
+                s.run_id, s.round + 1, s.participants, s.vector_length, self.agg.pinned), {})
+            extra[wire.SECAGG_SETUP] = self.next.agg.setup.to_bytes()
         messages = [
             _message(RecordDict({wire.SECAGG: _stage_record(
-                wire.STAGE_UNMASK, **{wire.SECAGG_REQUEST: req.to_bytes()})}),
+                wire.STAGE_UNMASK, **{wire.SECAGG_REQUEST: req.to_bytes()}, **extra)}),
                 node_of[hospital], MessageType.QUERY, self.rnd)
             for hospital, req in sorted(requests.items())]
         for reply in self._exchange(messages, self.stage_timeout_s):
@@ -174,12 +212,20 @@ class SecureRound:
                 self.agg.receive_reveal(reveal)
             except (SecAggError, KeyError, ValueError) as err:
                 self._fail(node, f"reveal rejected: {err}")
+                continue
+            if self.next is not None:
+                self._take_advert(self.next, reply)
 
-    def run(self, nodes: list[int], train_content: RecordDict) -> SecureOutcome:
-        """All three steps; a round below threshold raises SecAggError (caller keeps model)."""
-        self.advertise(nodes)
+    def run(self, nodes: list[int], train_content: RecordDict,
+            advertise_next: bool = False) -> SecureOutcome:
+        """Steps 1 (for `nodes` without keys) to 3; with `advertise_next` the unmask step also
+        collects the next round's keys (`self.next`, kept even if this round then fails). A
+        round below threshold raises SecAggError (the caller keeps its model)."""
+        missing = [n for n in nodes if n not in self.hospital_of]
+        if missing:
+            self.advertise(missing)
         self.mask(train_content)
-        self.unmask()
+        self.unmask(advertise_next)
         started = time.perf_counter()
         result = self.agg.aggregate()
         mean, total_weight = dequantize(result.total, self.quant.scale)

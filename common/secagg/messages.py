@@ -4,11 +4,18 @@ The lead transport (Flower ConfigRecord / ArrayRecord) carries these as opaque b
 vector is raw little-endian uint32 so it can also travel as an array. Every message carries the
 run id and round so a replay from another round or run is refused by name (`ReplayError`).
 
-Flow of one round (-> means the server relays; one arrow per direction of a round trip):
-  server: RoundSetup ->  client: Advertise             (signed ephemeral keys)
+Flow of round r (-> means the server relays; one arrow per direction of a round trip):
+  server: RoundSetup(r) ->  client: Advertise(r)       (signed ephemeral keys; only where the
+                                                        client has none for r, see below)
   server: KeysBroadcast -> client: SharesMessage + MaskedVector   (one reply: share + mask)
-  server: UnmaskRequest -> client: Reveal              (b-shares of survivors, key shares and
-                                                        pairwise seeds for dropped neighbours)
+  server: UnmaskRequest(r) [+ RoundSetup(r+1)]
+                        -> client: Reveal(r) [+ Advertise(r+1)]
+                                                       (b-shares of survivors, key shares and
+                                                        pairwise seeds for dropped neighbours;
+                                                        fresh signed keys for the next round)
+A transport may send round r+1's RoundSetup with round r's UnmaskRequest, so that a steady-state
+round takes two round trips; every message still names its own run and round, and is checked
+against them alone.
 """
 
 from __future__ import annotations

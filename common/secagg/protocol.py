@@ -1,6 +1,8 @@
 """Secure-aggregation protocol: pieces shared by `SecAggClient` and `ServerAggregator`.
 
-One round in three round trips (Bonawitz et al. 2017, with Bell et al. 2020 neighbour graphs):
+One round in three steps (Bonawitz et al. 2017, with Bell et al. 2020 neighbour graphs). The
+steps of consecutive rounds may overlap: round r+1's ADVERTISE can travel with round r's
+UNMASK (two round trips per round in steady state), since its keys are fresh and bound to r+1.
 
 1. ADVERTISE. Each hospital makes two X25519 key pairs, c (share encryption) and s (pairwise
    masks), and signs both public keys with its pinned Ed25519 identity for (run, round).

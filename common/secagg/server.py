@@ -98,6 +98,11 @@ class ServerAggregator:
     def stage(self) -> str:
         return self._stage
 
+    @property
+    def pinned(self) -> dict[str, bytes]:
+        """The pinned identity keys this round checks signatures against (a copy)."""
+        return dict(self._pinned)
+
     def _admit(self, stage: str, sender: str, run_id: str, round_: int, what: str,
                allowed: Iterable[str]) -> None:
         """Common checks: pinned sender, this run and round, the open stage, a live sender."""

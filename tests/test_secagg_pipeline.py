@@ -1,0 +1,284 @@
+"""Pipelined secure aggregation: round r+1's advertise rides on round r's unmask step.
+
+The real server (`SecureRound`) talks to the real hospital handlers (`secure_client`, with their
+state files, identity keys and pinned sets on disk) through a loopback Grid that delivers every
+Flower message in process, so the rounds' message flow is observable and dropouts, replays and
+tampering can be injected between the two sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmri.client import secure_client
+from fedmri.common import wire
+from fedmri.common.identity import enroll_hospitals, load_pinned, secure_node_config
+from fedmri.common.secagg import Advertise, KeysBroadcast, QuantConfig, SecAggError
+from fedmri.server.secure_round import Advertised, SecureOutcome, SecureRound
+
+LENGTH, RUN = 16, "7"
+Hook = Callable[[int, str, Message], bool]  # (round, stage, message) -> deliver it?
+
+
+def update_of(node: int, rnd: int) -> np.ndarray:
+    return np.random.default_rng([node, rnd]).uniform(-0.5, 0.5, LENGTH).astype(np.float32)
+
+
+def weight_of(node: int) -> int:
+    return 10 * node + 3
+
+
+class LoopbackGrid(Grid):
+    """Hands each message to its hospital's handlers (what the ClientApp runs) and returns the
+    replies. `log` lists (round, node, stage, carries-next-setup) of every message sent;
+    `on_request` / `on_reply` may alter a message in place, or return False to drop it."""
+
+    def __init__(self, contexts: dict[int, Context]) -> None:
+        self.contexts = contexts
+        self.log: list[tuple[int, int, str, bool]] = []
+        self.on_request: Hook = lambda rnd, stage, msg: True
+        self.on_reply: Hook = lambda rnd, stage, msg: True
+
+    def _handle(self, msg: Message, stage: str) -> Message:
+        context = self.contexts[msg.metadata.dst_node_id]
+        hospital = str(context.node_config[wire.HOSPITAL])
+        if stage == wire.STAGE_ADVERTISE:
+            return secure_client.advertise(msg, context, hospital)
+        if stage == wire.STAGE_UNMASK:
+            return secure_client.unmask(msg, context, hospital)
+        rnd, node = int(msg.metadata.group_id), context.node_id
+        return Message(secure_client.mask(msg, context, hospital, update_of(node, rnd),
+                                          weight_of(node)), reply_to=msg)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            stage, rnd = secure_client.stage_of(msg), int(msg.metadata.group_id)
+            record = msg.content.config_records[wire.SECAGG]
+            self.log.append((rnd, msg.metadata.dst_node_id, stage,
+                             stage == wire.STAGE_UNMASK and wire.SECAGG_SETUP in record))
+            if not self.on_request(rnd, stage, msg):
+                continue
+            try:
+                reply = self._handle(msg, stage)
+            except (SecAggError, ValueError) as err:  # the ClientApp's exception, as Flower
+                reply = Message(Error(0, f"{type(err).__name__}: {err}"), reply_to=msg)
+            if self.on_reply(rnd, stage, reply):
+                replies.append(reply)
+        return replies
+
+    def stages(self, rnd: int) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for r, node, stage, _ in self.log:
+            if r == rnd:
+                out.setdefault(stage, []).append(node)
+        return out
+
+    # Not used by SecureRound.
+    def set_run(self, run: object) -> None:  # type: ignore[override]
+        raise NotImplementedError
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+class Federation:
+    """N enrolled hospitals on nodes 1..N and the server's round loop, as fedmri runs it."""
+
+    def __init__(self, folder: Path, n: int, rounds: int) -> None:
+        names = [f"hospital-{i}" for i in range(1, n + 1)]
+        pinned_path = enroll_hospitals(folder, names)
+        self.pinned = load_pinned(pinned_path)
+        self.state_dirs = {i: folder / h / "state" for i, h in enumerate(names, 1)}
+        self.grid = LoopbackGrid({
+            i: Context(run_id=int(RUN), node_id=i, node_config=secure_node_config(
+                folder, h, pinned_path), state=RecordDict(), run_config={})
+            for i, h in enumerate(names, 1)})
+        self.quant = QuantConfig.for_clients(n, 1.0, 100)
+        self.rounds = rounds
+        self.advertised: Advertised | None = None  # the next round's keys, as fedmri keeps them
+        self.failures: dict[int, list[str]] = {}
+
+    def round(self, rnd: int) -> SecureOutcome | SecAggError:
+        secure = SecureRound(self.grid, RUN, rnd, self.pinned, self.quant, LENGTH, 60.0,
+                             lambda event: None, advertised=self.advertised)
+        nodes = sorted(self.grid.get_node_ids())
+        content = RecordDict({wire.CONFIG: ConfigRecord({wire.ROUND: rnd})})
+        try:
+            result: SecureOutcome | SecAggError = secure.run(
+                nodes, content, advertise_next=rnd < self.rounds)
+        except SecAggError as err:  # below threshold: the caller keeps its model
+            result = err
+        self.advertised = secure.next
+        self.failures[rnd] = secure.outcome.failures
+        return result
+
+    def states(self, node: int) -> list[str]:
+        return sorted(p.name for p in self.state_dirs[node].glob("*.state"))
+
+
+def expected_mean(nodes: Iterable[int], rnd: int) -> np.ndarray:
+    nodes = list(nodes)
+    total = sum(weight_of(n) * np.clip(update_of(n, rnd).astype(np.float64), -1, 1)
+                for n in nodes)
+    return np.asarray(total) / sum(weight_of(n) for n in nodes)
+
+
+def assert_exact(outcome: SecureOutcome | SecAggError, survivors: list[int], rnd: int) -> None:
+    """The aggregate is the survivors' weighted mean (integer weight sum exact, mean within
+    the quantization bound)."""
+    assert isinstance(outcome, SecureOutcome), outcome
+    assert outcome.survivors == tuple(f"hospital-{n}" for n in survivors)
+    assert outcome.total_weight == sum(weight_of(n) for n in survivors)
+    assert outcome.mean_update is not None
+    err = np.abs(outcome.mean_update - expected_mean(survivors, rnd))
+    assert float(err.max()) <= outcome.error_bound + 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower sets these in a ServerApp process; Message() needs them."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", int(RUN))
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def test_piggybacked_advertise_gives_exact_rounds_in_two_round_trips(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, n=4, rounds=4)
+    everyone = [1, 2, 3, 4]
+    for rnd in range(1, 5):
+        assert_exact(fed.round(rnd), everyone, rnd)
+        stages = fed.grid.stages(rnd)
+        expected = ({wire.STAGE_ADVERTISE, wire.STAGE_MASK, wire.STAGE_UNMASK} if rnd == 1
+                    else {wire.STAGE_MASK, wire.STAGE_UNMASK})
+        assert set(stages) == expected, (rnd, stages)
+        assert all(sorted(nodes) == everyone for nodes in stages.values())
+        # The unmask request carries the next round's setup, except in the last round.
+        assert {next_ for r, _, s, next_ in fed.grid.log
+                if r == rnd and s == wire.STAGE_UNMASK} == {rnd < 4}
+        # Each hospital keeps only the secret state of the round to come.
+        for node in everyone:
+            assert fed.states(node) == ([f"secagg-{RUN}-{rnd + 1}.state"] if rnd < 4 else [])
+        assert fed.failures[rnd] == []
+    assert fed.advertised is None
+
+
+def test_dropout_during_unmask_and_advertise(tmp_path: Path) -> None:
+    """Node 5 is silent in round 1's unmask+advertise step and down through round 2: round 1 is
+    still exact with it (its self mask comes from the others' shares), round 2 goes on without
+    it after one advertise to it alone, round 3 takes it back with a separate advertise."""
+    fed = Federation(tmp_path, n=5, rounds=3)  # t = 3 of 5
+
+    def node5_down(rnd: int, stage: str, msg: Message) -> bool:
+        down = rnd == 2 or (rnd == 1 and stage == wire.STAGE_UNMASK)
+        return not (down and msg.metadata.dst_node_id == 5)
+
+    fed.grid.on_request = node5_down
+    assert_exact(fed.round(1), [1, 2, 3, 4, 5], 1)
+    assert fed.advertised is not None and sorted(fed.advertised.hospital_of) == [1, 2, 3, 4]
+    assert_exact(fed.round(2), [1, 2, 3, 4], 2)
+    assert fed.grid.stages(2)[wire.STAGE_ADVERTISE] == [5]
+    assert sorted(fed.grid.stages(2)[wire.STAGE_MASK]) == [1, 2, 3, 4]
+    assert any("hospital-5" in f or "node 5" in f for f in fed.failures[2])
+    assert_exact(fed.round(3), [1, 2, 3, 4, 5], 3)
+    assert fed.grid.stages(3)[wire.STAGE_ADVERTISE] == [5]
+    # Node 5's round-1 state (never unmasked) went when it made its round-3 keys.
+    assert fed.states(5) == [] and fed.states(1) == []
+
+
+@pytest.mark.parametrize("stage", [wire.STAGE_MASK, wire.STAGE_UNMASK])
+def test_round_below_threshold_keeps_going(tmp_path: Path, stage: str) -> None:
+    """Three of five hospitals silent in round 1's mask (or unmask) step: round 1 fails, and
+    round 2 runs with everyone, advertising only to those without keys for it."""
+    fed = Federation(tmp_path, n=5, rounds=2)
+    fed.grid.on_request = lambda rnd, s, msg: not (
+        rnd == 1 and s == stage and msg.metadata.dst_node_id in (1, 2, 3))
+    assert isinstance(fed.round(1), SecAggError)
+    assert_exact(fed.round(2), [1, 2, 3, 4, 5], 2)
+    # After a failed mask step no unmask (and no piggybacked advertise) happened.
+    renewed = [1, 2, 3, 4, 5] if stage == wire.STAGE_MASK else [1, 2, 3]
+    assert sorted(fed.grid.stages(2)[wire.STAGE_ADVERTISE]) == renewed
+    for node in range(1, 6):
+        assert fed.states(node) == []  # the failed round's leftovers were deleted too
+
+
+def test_round_r_advertise_replayed_into_round_r_plus_1_is_rejected(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, n=4, rounds=3)
+    round1: dict[int, bytes] = {}
+
+    def capture_and_replay(rnd: int, stage: str, reply: Message) -> bool:
+        record = reply.content.config_records[wire.SECAGG]
+        node = reply.metadata.src_node_id
+        if rnd == 1 and stage == wire.STAGE_ADVERTISE:
+            round1[node] = bytes(record[wire.SECAGG_ADVERT])  # type: ignore[arg-type]
+        if rnd == 1 and stage == wire.STAGE_UNMASK and node == 2:
+            record[wire.SECAGG_ADVERT] = round1[2]  # round 1's keys offered for round 2
+        return True
+
+    fed.grid.on_reply = capture_and_replay
+    assert_exact(fed.round(1), [1, 2, 3, 4], 1)
+    assert Advertise.from_bytes(round1[2]).round == 1
+    assert any("hospital-2" in f and "round 2 rejected" in f and "round 1" in f
+               for f in fed.failures[1]), fed.failures[1]
+    assert fed.advertised is not None and sorted(fed.advertised.hospital_of) == [1, 3, 4]
+
+    # Round 2: hospital 2 gets fresh keys by a separate advertise; the server (or a relay)
+    # slipping hospital 2's round-1 keys to hospital 1 instead is refused by hospital 1.
+    def smuggle(rnd: int, stage: str, msg: Message) -> bool:
+        if rnd == 2 and stage == wire.STAGE_MASK and msg.metadata.dst_node_id == 1:
+            record = msg.content.config_records[wire.SECAGG]
+            sent = KeysBroadcast.from_bytes(bytes(record[wire.SECAGG_KEYS]))  # type: ignore[arg-type]
+            stale = Advertise.from_bytes(round1[2])
+            swapped = tuple(stale if a.sender == "hospital-2" else a for a in sent.advertisements)
+            record[wire.SECAGG_KEYS] = KeysBroadcast(sent.run_id, sent.round, sent.receiver,
+                                                     swapped).to_bytes()
+        return True
+
+    fed.grid.on_reply = lambda rnd, stage, msg: True
+    fed.grid.on_request = smuggle
+    assert_exact(fed.round(2), [2, 3, 4], 2)
+    assert fed.grid.stages(2)[wire.STAGE_ADVERTISE] == [2]
+    assert any("hospital-1" in f and "ReplayError" in f and "round 1" in f
+               for f in fed.failures[2]), fed.failures[2]
+
+
+def test_client_refuses_a_piggybacked_setup_that_is_not_the_next_round(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, n=3, rounds=3)
+    setups: dict[int, bytes] = {}
+
+    def replay_setup(rnd: int, stage: str, msg: Message) -> bool:
+        record = msg.content.config_records[wire.SECAGG]
+        if stage == wire.STAGE_ADVERTISE:
+            setups[rnd] = bytes(record[wire.SECAGG_SETUP])  # type: ignore[arg-type]
+        if rnd == 1 and stage == wire.STAGE_UNMASK and msg.metadata.dst_node_id == 3:
+            record[wire.SECAGG_SETUP] = setups[1]  # this round's setup again
+        return True
+
+    fed.grid.on_request = replay_setup
+    # Hospital 3 refuses the whole unmask message (it reveals nothing): silent, tolerated.
+    assert_exact(fed.round(1), [1, 2, 3], 1)
+    assert any("hospital-3" in f and "not the next round" in f for f in fed.failures[1])
+    assert fed.advertised is not None and sorted(fed.advertised.hospital_of) == [1, 2]
+    assert_exact(fed.round(2), [1, 2, 3], 2)
+    assert fed.grid.stages(2)[wire.STAGE_ADVERTISE] == [3]
