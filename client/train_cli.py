@@ -91,6 +91,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=d.size)
     parser.add_argument("--model", default=d.model)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--conv-backend", choices=["fedmri", "aten"], default=d.conv_backend,
+                        help="3D convolutions on fedmri.kernels or on ATen")
 
 
 def main(argv: list[str]) -> int:
@@ -106,7 +108,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = RunConfig(model=args.model, size=args.size, rounds=args.rounds,
-                        local_epochs=args.local_epochs, seed=args.seed)
+                        local_epochs=args.local_epochs, seed=args.seed,
+                        conv_backend=args.conv_backend)
         cfg.validate()
         report = run_baseline(args.data, args.out, cfg, args.hospitals, args.local)
     except (ValueError, FileNotFoundError) as err:

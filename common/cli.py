@@ -17,6 +17,7 @@ SUMMARIES = {
     "simulate": "run the whole federation as local processes (SuperLink + one SuperNode each)",
     "train": "baselines: --central (pooled data) or --local HOSPITAL",
     "evaluate": "Dice of a saved model on a hospital's data",
+    "kernels": "the compiled 3D convolution: kernels build | kernels info [--json]",
     "bench": "benchmarks that print JSON against a baseline (bench NAME --help)",
 }
 

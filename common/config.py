@@ -23,6 +23,7 @@ class RunConfig:
     val_fraction: float = 0.25
     seed: int = 0
     amp: bool = True  # mixed precision where the device supports it (CUDA)
+    conv_backend: str = "fedmri"  # 3D convolutions on fedmri.kernels ("fedmri") or ATen ("aten")
     secure: bool = True  # secure aggregation (the server learns only the sum of updates)
     secure_clip: float = 1.0  # per-coordinate clip of a hospital's update before masking
     secure_max_weight: int = 10000  # most training volumes one hospital may weigh
@@ -60,5 +61,7 @@ class RunConfig:
             raise ValueError(f"size must be a multiple of 8 and >= 16, got {self.size}")
         if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
             raise ValueError("rounds, local_epochs and batch_size must be >= 1")
+        if self.conv_backend not in ("fedmri", "aten"):
+            raise ValueError(f"conv_backend must be 'fedmri' or 'aten', got {self.conv_backend!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

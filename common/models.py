@@ -45,7 +45,12 @@ def build_model(cfg: RunConfig, seed: int | None = None) -> nn.Module:
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model '{cfg.model}'; choose one of {sorted(MODELS)}")
     torch.manual_seed(cfg.seed if seed is None else seed)
-    return MODELS[cfg.model](cfg)
+    model = MODELS[cfg.model](cfg)
+    if cfg.conv_backend == "fedmri":
+        from fedmri.kernels import use_fedmri_conv
+
+        use_fedmri_conv(model)  # same parameters; the op compiles on first forward
+    return model
 
 
 def load_model(path: Path) -> tuple[nn.Module, RunConfig]:

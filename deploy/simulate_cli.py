@@ -54,6 +54,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stage-timeout", type=float, default=120.0,
                         help="seconds to wait for hospitals in a secure-aggregation step "
                              "without training; later ones count as dropped")
+    parser.add_argument("--conv-backend", choices=["fedmri", "aten"],
+                        default=defaults.conv_backend,
+                        help="hospitals' 3D convolutions on fedmri.kernels (default) or ATen")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS between the processes (default: TLS with a per-run CA)")
     args = parser.parse_args(argv)
@@ -63,7 +66,8 @@ def main(argv: list[str]) -> int:
         parser.error(f"{args.out} already holds a finished run; choose another --out")
     try:
         cfg = RunConfig(model=args.model, size=args.size, rounds=args.rounds,
-                        local_epochs=args.local_epochs, seed=args.seed, secure=args.secure)
+                        local_epochs=args.local_epochs, seed=args.seed, secure=args.secure,
+                        conv_backend=args.conv_backend)
         cfg.validate()
     except ValueError as err:
         parser.error(str(err))

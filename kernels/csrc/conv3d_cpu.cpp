@@ -1,0 +1,339 @@
+// CPU backend.
+//
+// ATen's conv3d takes its single-threaded direct loop (aten::slow_conv3d) at batch 1. Here
+// float32 (and float16/bfloat16, computed in float32) go to oneDNN at every batch size: the
+// slab convolves with zero depth padding and the (at most two) output planes whose window
+// reaches into a halo are recomputed from a k-plane slab gathered from the halo buffers.
+// The input gradient at stride 1 is the forward convolution of the output gradient with the
+// flipped, transposed kernel, so it takes oneDNN as well. float64, stride-2 input gradients
+// and weight gradients use our own im2col over a few output planes at a time + one BLAS GEMM
+// per chunk; the gather (at::parallel_for over rows) reads halo planes in place.
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "conv3d.h"
+
+namespace fedmri {
+
+namespace {
+
+constexpr int64_t kChunkBytes = 64 << 20;  // im2col buffer budget per chunk
+
+// One sample's depth-extended input, NCDHW pieces; plane(c, z) for z relative to x's first
+// plane, nullptr where the plane is padding.
+template <typename P>
+struct Planes {
+  P lo, mid, hi;
+  int64_t nlo, D, nhi, HW;
+  P plane(int64_t c, int64_t z) const {
+    if (z < 0) return z >= -nlo ? lo + (c * nlo + z + nlo) * HW : nullptr;
+    if (z >= D) return z - D < nhi ? hi + (c * nhi + z - D) * HW : nullptr;
+    return mid + (c * D + z) * HW;
+  }
+};
+
+template <typename P>
+Planes<P> sample(const Geometry& g, int64_t n, P lo, P mid, P hi) {
+  const int64_t HW = g.H * g.W;
+  return {lo ? lo + n * g.C * g.lo * HW : nullptr, mid + n * g.C * g.D * HW,
+          hi ? hi + n * g.C * g.hi * HW : nullptr, g.lo, g.D, g.hi, HW};
+}
+
+// Output columns [first, last) along W whose input column lies inside the image.
+inline void valid_range(const Geometry& g, int64_t kw, int64_t* first, int64_t* last) {
+  *first = std::max<int64_t>(0, (g.p - kw + g.s - 1) / g.s);
+  *last = std::min<int64_t>(g.Wo, (g.W - 1 + g.p - kw) / g.s + 1);
+}
+
+// Row r = (c, kd, kh, kw) of the column matrix, for output planes [d0, d1).
+template <typename T, typename Visit>
+void for_each_tap(const Geometry& g, int64_t r, int64_t d0, int64_t d1, Visit visit) {
+  const int64_t k3 = g.k * g.k * g.k;
+  const int64_t c = r / k3, kd = r / (g.k * g.k) % g.k, kh = r / g.k % g.k, kw = r % g.k;
+  int64_t first, last;
+  valid_range(g, kw, &first, &last);
+  for (int64_t od = d0; od < d1; ++od) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t ih = oh * g.s - g.p + kh;
+      const int64_t col = ((od - d0) * g.Ho + oh) * g.Wo;
+      visit(c, od * g.s - g.p + kd, ih >= 0 && ih < g.H ? ih : -1, first, last, kw, col);
+    }
+  }
+}
+
+template <typename T>
+void im2col(const Geometry& g, const Planes<const T*>& in, int64_t d0, int64_t d1, T* col) {
+  const int64_t P = (d1 - d0) * g.Ho * g.Wo;
+  at::parallel_for(0, g.C * g.k * g.k * g.k, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* out = col + r * P;
+      for_each_tap<T>(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
+                                         int64_t last, int64_t kw, int64_t o) {
+        T* dst = out + o;
+        const T* plane = in.plane(c, z);
+        if (!plane || ih < 0 || first >= last) {
+          std::fill(dst, dst + g.Wo, T(0));
+          return;
+        }
+        const T* row = plane + ih * g.W;
+        const int64_t shift = kw - g.p;  // output column ow reads input column ow*s + shift
+        std::fill(dst, dst + first, T(0));
+        if (g.s == 1) {
+          std::memcpy(dst + first, row + first + shift, (last - first) * sizeof(T));
+        } else {
+          for (int64_t ow = first; ow < last; ++ow) dst[ow] = row[ow * g.s + shift];
+        }
+        std::fill(dst + last, dst + g.Wo, T(0));
+      });
+    }
+  });
+}
+
+// Scatter-add of a column matrix back onto the planes; rows of one channel touch only that
+// channel's planes, so channels run in parallel without races.
+template <typename T>
+void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Planes<T*>& out) {
+  const int64_t P = (d1 - d0) * g.Ho * g.Wo, k3 = g.k * g.k * g.k;
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = c0 * k3; r < c1 * k3; ++r) {
+      const T* src = col + r * P;
+      for_each_tap<T>(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
+                                         int64_t last, int64_t kw, int64_t o) {
+        T* plane = out.plane(c, z);
+        if (!plane || ih < 0) return;
+        T* row = plane + ih * g.W;
+        const int64_t shift = kw - g.p;
+        for (int64_t ow = first; ow < last; ++ow) row[ow * g.s + shift] += src[o + ow];
+      });
+    }
+  });
+}
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor prepared(const at::Tensor& t, at::ScalarType type) {
+  return t.to(type).contiguous();
+}
+
+std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t, at::ScalarType type) {
+  if (!t.has_value()) return std::nullopt;
+  return prepared(*t, type);
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Output planes per chunk so that one im2col buffer stays within kChunkBytes.
+int64_t planes_per_chunk(const Geometry& g, int64_t elem) {
+  const int64_t rows = g.C * g.k * g.k * g.k;
+  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, rows * g.Ho * g.Wo * elem));
+}
+
+// Calls fn(n, d0, d1, col) for every chunk of every sample, col filled by im2col when gather.
+template <typename T, typename Fn>
+void for_each_chunk(const Geometry& g, const at::Tensor& col_buffer, Fn fn) {
+  const int64_t step = planes_per_chunk(g, sizeof(T));
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t d0 = 0; d0 < g.Do; d0 += step) {
+      const int64_t d1 = std::min(g.Do, d0 + step);
+      const int64_t P = (d1 - d0) * g.Ho * g.Wo;
+      fn(n, d0, d1, col_buffer.flatten().narrow(0, 0, g.C * g.k * g.k * g.k * P)
+                        .view({g.C * g.k * g.k * g.k, P}));
+    }
+  }
+}
+
+at::Tensor column_buffer(const Geometry& g, at::ScalarType type) {
+  const int64_t step = std::min(g.Do, planes_per_chunk(g, at::elementSize(type)));
+  return at::empty({g.C * g.k * g.k * g.k * step * g.Ho * g.Wo}, at::TensorOptions(type));
+}
+
+// The (Cout, P) block of sample n's output (or output gradient) for planes [d0, d1).
+at::Tensor block(const at::Tensor& y, const Geometry& g, int64_t n, int64_t d0, int64_t d1) {
+  const int64_t HW = g.Ho * g.Wo;
+  return y[n].view({g.Cout, g.Do * HW}).narrow(1, d0 * HW, (d1 - d0) * HW);
+}
+
+bool use_onednn(const at::Tensor& x) {
+  return x.scalar_type() != at::kDouble && at::hasMKLDNN();
+}
+
+// Input plane z (relative to x's first plane) of every sample, zeros where it is padding.
+at::Tensor plane_or_zeros(const Geometry& g, const at::Tensor& x,
+                          const std::optional<at::Tensor>& lo,
+                          const std::optional<at::Tensor>& hi, int64_t z) {
+  if (z >= 0 && z < g.D) return x.narrow(2, z, 1);
+  if (z < 0 && lo.has_value()) return lo->narrow(2, z + g.p, 1);
+  if (z >= g.D && hi.has_value()) return hi->narrow(2, z - g.D, 1);
+  return at::zeros({g.N, g.C, 1, g.H, g.W}, x.options());
+}
+
+at::Tensor forward_onednn(const Geometry& g, const at::Tensor& x_in, const at::Tensor& w,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& lo,
+                          const std::optional<at::Tensor>& hi) {
+  // oneDNN's NCDHW kernels are slow for output channels that are not a multiple of 8 (the
+  // network's last layer: 3x slower at 96^3); its channels-last kernels are not.
+  const at::Tensor x =
+      g.Cout % 8 ? x_in.contiguous(at::MemoryFormat::ChannelsLast3d) : x_in;
+  at::Tensor y = at::mkldnn_convolution(x, w, bias, {g.p, g.p, g.p}, {g.s, g.s, g.s},
+                                        {1, 1, 1}, 1);
+  // Output planes whose window reaches a halo plane: 0 (below) and Do-1 (above, if it reads
+  // plane D). Each is one valid convolution over its k input planes.
+  std::vector<int64_t> redo;
+  if (g.lo) redo.push_back(0);
+  if (g.hi && (g.Do - 1) * g.s + g.p >= g.D && (redo.empty() || g.Do > 1)) redo.push_back(g.Do - 1);
+  for (int64_t od : redo) {
+    std::vector<at::Tensor> planes;
+    for (int64_t kd = 0; kd < g.k; ++kd) planes.push_back(plane_or_zeros(g, x, lo, hi, od * g.s - g.p + kd));
+    at::Tensor slab = at::cat(planes, 2).contiguous(x.suggest_memory_format());
+    y.narrow(2, od, 1).copy_(at::mkldnn_convolution(slab, w, bias, {0, g.p, g.p},
+                                                    {1, g.s, g.s}, {1, 1, 1}, 1));
+  }
+  return y;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                       const std::optional<at::Tensor>& b_in,
+                       const std::optional<at::Tensor>& lo_in,
+                       const std::optional<at::Tensor>& hi_in, int64_t stride,
+                       int64_t activation, double slope) {
+  const Geometry g = describe(x_in, w_in, b_in, lo_in, hi_in, stride);
+  const auto type = compute_type(x_in);
+  const auto bias = prepared(b_in, type);
+  if (use_onednn(x_in)) {
+    auto keep = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+      if (!t.has_value()) return std::nullopt;
+      return t->to(type);
+    };
+    at::Tensor y = forward_onednn(g, x_in.to(type), w_in.to(type).contiguous(), bias,
+                                  keep(lo_in), keep(hi_in));
+    if (activation == kRelu) at::relu_(y);
+    if (activation == kLeakyRelu) at::leaky_relu_(y, slope);
+    return y.to(x_in.scalar_type()).contiguous(result_format(x_in));
+  }
+  const at::Tensor x = prepared(x_in, type);
+  const at::Tensor w = prepared(w_in, type).view({g.Cout, -1});
+  const auto lo = prepared(lo_in, type), hi = prepared(hi_in, type);
+  at::Tensor y = at::empty({g.N, g.Cout, g.Do, g.Ho, g.Wo}, x.options());
+  const at::Tensor col = column_buffer(g, type);
+  AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_forward_cpu", [&] {
+    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
+      im2col<scalar_t>(g, sample<const scalar_t*>(g, n, data_or_null<scalar_t>(lo), x.data_ptr<scalar_t>(),
+                                 data_or_null<scalar_t>(hi)),
+                       d0, d1, c.data_ptr<scalar_t>());
+      at::Tensor out = block(y, g, n, d0, d1);
+      if (bias.has_value()) {
+        at::addmm_out(out, bias->view({g.Cout, 1}), w, c);
+      } else {
+        at::mm_out(out, w, c);
+      }
+      if (activation == kRelu) at::relu_(out);
+      if (activation == kLeakyRelu) at::leaky_relu_(out, slope);
+    });
+  });
+  return y.to(x_in.scalar_type()).contiguous(result_format(x_in));
+}
+
+// Stride 1: the gradient of the depth-extended input [lo | x | hi] is the convolution of the
+// output gradient with the flipped kernel, channels swapped (depth padding p, plus the halo
+// planes whose gradient is wanted).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_onednn(
+    const Geometry& g, const at::Tensor& grad, const at::Tensor& x,
+    const at::Tensor& w, const std::optional<at::Tensor>& lo,
+    const std::optional<at::Tensor>& hi) {
+  const at::Tensor wt = w.to(at::kFloat).flip({2, 3, 4}).transpose(0, 1).contiguous();
+  const at::Tensor gf = grad.to(at::kFloat);
+  const auto fmt = grad.suggest_memory_format();
+  at::Tensor ext;
+  if (g.lo == 0 && g.hi == 0) {
+    ext = at::mkldnn_convolution(gf.contiguous(fmt), wt, std::nullopt, {g.p, g.p, g.p},
+                                 {1, 1, 1}, {1, 1, 1}, 1);
+  } else {  // pad depth by p + halo planes so the halo planes' gradients come out too
+    const at::Tensor padded = at::constant_pad_nd(gf, {0, 0, 0, 0, g.p + g.lo, g.p + g.hi});
+    ext = at::mkldnn_convolution(padded.contiguous(fmt), wt, std::nullopt, {0, g.p, g.p},
+                                 {1, 1, 1}, {1, 1, 1}, 1);
+  }
+  auto none = [&] { return at::empty({0}, x.options()); };  // distinct: outputs never alias
+  if (g.lo == 0 && g.hi == 0) {
+    return {ext.to(x.scalar_type()).contiguous(result_format(x)), none(), none()};
+  }
+  auto part = [&](int64_t start, int64_t planes, const at::Tensor& like) {
+    return ext.narrow(2, start, planes).to(x.scalar_type()).clone(result_format(like));
+  };
+  return {part(g.lo, g.D, x), lo ? part(0, g.lo, *lo) : none(),
+          hi ? part(g.lo + g.D, g.hi, *hi) : none()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_in,
+    const std::optional<at::Tensor>& lo_in, const std::optional<at::Tensor>& hi_in,
+    int64_t stride) {
+  const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
+  const auto type = compute_type(x_in);
+  if (use_onednn(x_in) && g.s == 1) return backward_input_onednn(g, grad_in, x_in, w_in, lo_in, hi_in);
+  const at::Tensor grad = prepared(grad_in, type);
+  const at::Tensor wt = prepared(w_in, type).view({g.Cout, -1}).t();
+  at::Tensor gx = at::zeros(x_in.sizes(), x_in.options().dtype(type));
+  auto zeros_or_empty = [&](const std::optional<at::Tensor>& h) {
+    return h.has_value() ? at::zeros(h->sizes(), gx.options()) : at::empty({0}, gx.options());
+  };
+  at::Tensor glo = zeros_or_empty(lo_in), ghi = zeros_or_empty(hi_in);
+  const at::Tensor col = column_buffer(g, type);
+  AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_backward_input_cpu", [&] {
+    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
+      at::mm_out(c, wt, block(grad, g, n, d0, d1));
+      col2im<scalar_t>(g, c.data_ptr<scalar_t>(), d0, d1,
+                       sample<scalar_t*>(g, n, lo_in ? glo.data_ptr<scalar_t>() : nullptr,
+                                         gx.data_ptr<scalar_t>(),
+                                         hi_in ? ghi.data_ptr<scalar_t>() : nullptr));
+    });
+  });
+  auto finish = [&](const at::Tensor& t, const std::optional<at::Tensor>& like) {
+    if (!like.has_value()) return t.to(x_in.scalar_type());
+    return t.to(x_in.scalar_type()).contiguous(result_format(*like));
+  };
+  return {finish(gx, x_in), finish(glo, lo_in), finish(ghi, hi_in)};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_in,
+    const std::optional<at::Tensor>& lo_in, const std::optional<at::Tensor>& hi_in,
+    int64_t stride) {
+  const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
+  const auto type = compute_type(x_in);
+  const at::Tensor grad = prepared(grad_in, type);
+  const at::Tensor x = prepared(x_in, type);
+  const auto lo = prepared(lo_in, type), hi = prepared(hi_in, type);
+  at::Tensor gw = at::zeros({g.Cout, g.C * g.k * g.k * g.k}, x.options());
+  const at::Tensor col = column_buffer(g, type);
+  AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_backward_weight_cpu", [&] {
+    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
+      im2col<scalar_t>(g, sample<const scalar_t*>(g, n, data_or_null<scalar_t>(lo), x.data_ptr<scalar_t>(),
+                                 data_or_null<scalar_t>(hi)),
+                       d0, d1, c.data_ptr<scalar_t>());
+      gw.addmm_(block(grad, g, n, d0, d1), c.t());
+    });
+  });
+  const at::Tensor gb = grad.sum({0, 2, 3, 4});
+  return {gw.view(w_in.sizes()).to(w_in.scalar_type()), gb.to(w_in.scalar_type())};
+}
+
+}  // namespace
+
+}  // namespace fedmri
+
+TORCH_LIBRARY_IMPL(fedmri, CPU, m) {
+  m.impl("conv3d_forward", &fedmri::forward_cpu);
+  m.impl("conv3d_backward_input", &fedmri::backward_input_cpu);
+  m.impl("conv3d_backward_weight", &fedmri::backward_weight_cpu);
+}

@@ -1,0 +1,685 @@
+// CUDA backend: our own implicit-GEMM kernels, channels-last-3d (NDHWC).
+//
+// Forward and input gradient are one GEMM shape: rows = positions of the result volume,
+// columns = its channels, reduction = (kd, kh, kw, c) taps of the source volume, which is
+// gathered on the fly (never materialised). The source and the result are each up to three
+// depth pieces (halo below | slab | halo above) read and written in place. float16/bfloat16
+// run on tensor cores (WMMA 16x16x16, float32 accumulation) with a 3-stage cp.async pipeline;
+// bias and activation are fused into the epilogue. float32 takes a plain SIMT path. The
+// weight gradient is a split-reduction kernel (tensor cores for fp16/bf16) with float32
+// atomics across row slices.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include "conv3d.h"
+
+namespace fedmri {
+namespace {
+
+using namespace nvcuda;
+
+// A channels-last volume kept as up to three depth pieces (lo | mid | hi).
+template <typename T>
+struct Slab {
+  T* lo;
+  T* mid;
+  T* hi;
+  int nlo, D, nhi, H, W, C;
+  // Start of the channel vector at (n, z, h, w), z relative to mid's first plane.
+  __device__ __forceinline__ T* at(int n, int z, int h, int w) const {
+    T* base = mid;
+    int planes = D;
+    if (z < 0) {
+      base = lo, planes = nlo, z += nlo;
+    } else if (z >= D) {
+      base = hi, planes = nhi, z -= D;
+    }
+    return base + ((((int64_t)n * planes + z) * H + h) * W + w) * (int64_t)C;
+  }
+  __device__ __forceinline__ bool holds(int z, int h, int w) const {
+    return z >= -nlo && z < D + nhi && h >= 0 && h < H && w >= 0 && w < W;
+  }
+};
+
+template <typename T>
+struct Problem {
+  Slab<const T> src;   // gathered operand
+  Slab<T> dst;         // result, rows = (n, z, h, w) over dst's pieces
+  const T* weight;     // [cols][K], K ordered (kd, kh, kw, c)
+  const T* bias;       // [cols] or nullptr
+  int M, cols, K;      // GEMM sizes
+  int k, s, p;
+  int act;
+  float slope;
+};
+
+// Result row m -> (n, z, h, w) of dst.
+template <typename T>
+__device__ __forceinline__ void decode(const Problem<T>& P, int m, int& n, int& z, int& h,
+                                       int& w) {
+  const Slab<T>& d = P.dst;
+  w = m % d.W;
+  m /= d.W;
+  h = m % d.H;
+  m /= d.H;
+  const int planes = d.nlo + d.D + d.nhi;
+  z = m % planes - d.nlo;
+  n = m / planes;
+}
+
+// Source position for result (z, h, w) and tap (kd, kh, kw); false where it is padding.
+// Forward: in = out * s - p + k. Transposed (input gradient): out = (in + p - k) / s.
+template <bool TRANSPOSED>
+__device__ __forceinline__ bool source(int s, int p, int o, int k, int& i) {
+  if (!TRANSPOSED) {
+    i = o * s - p + k;
+    return true;
+  }
+  const int num = o + p - k;
+  if (num < 0 || num % s) return false;
+  i = num / s;
+  return true;
+}
+
+// Reduction index kk = ((kd * k + kh) * k + kw) * Cs + c, kept as its parts.
+struct Tap {
+  int kd, kh, kw, c;
+};
+
+template <typename T>
+__device__ __forceinline__ Tap tap_of(const Problem<T>& P, int kk) {
+  const int tap = kk / P.src.C;
+  return {tap / (P.k * P.k), tap / P.k % P.k, tap % P.k, kk - tap * P.src.C};
+}
+
+// kk += step without divisions: each thread walks its reduction indices in order.
+template <typename T>
+__device__ __forceinline__ void advance(const Problem<T>& P, Tap& t, int step) {
+  t.c += step;
+  while (t.c >= P.src.C) {
+    t.c -= P.src.C;
+    if (++t.kw == P.k) {
+      t.kw = 0;
+      if (++t.kh == P.k) t.kh = 0, ++t.kd;
+    }
+  }
+}
+
+// The source value for result (n, z, h, w) and tap t; nullptr where it is padding
+// (or past the reduction: t.kd == k).
+template <bool TRANSPOSED, typename T>
+__device__ __forceinline__ const T* gather(const Problem<T>& P, int n, int z, int h, int w,
+                                           const Tap& t) {
+  int zi, hi, wi;
+  if (t.kd >= P.k || !source<TRANSPOSED>(P.s, P.p, z, t.kd, zi) ||
+      !source<TRANSPOSED>(P.s, P.p, h, t.kh, hi) || !source<TRANSPOSED>(P.s, P.p, w, t.kw, wi) ||
+      !P.src.holds(zi, hi, wi))
+    return nullptr;
+  return P.src.at(n, zi, hi, wi) + t.c;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float activate(float v, int act, float slope) {
+  if (act == kRelu) return v > 0.f ? v : 0.f;
+  if (act == kLeakyRelu) return v > 0.f ? v : v * slope;
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ void store(const Problem<T>& P, int m, int col, float acc) {
+  int n, z, h, w;
+  decode(P, m, n, z, h, w);
+  if (P.bias) acc += to_float(P.bias[col]);
+  P.dst.at(n, z, h, w)[col] = from_float<T>(activate(acc, P.act, P.slope));
+}
+
+// ---------------------------------------------------------------- tensor cores (fp16/bf16)
+
+constexpr int BM = 128, BK = 64, STAGES = 3, THREADS = 256, LDS = BK + 8;
+constexpr int CHUNKS = BK / 8;  // 16-byte pieces per tile row
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Result position of one tile row, decoded once per block (n < 0: past the last row).
+struct RowPos {
+  int n, z, h, w;
+};
+constexpr int ROWS_PER_THREAD = BM / (THREADS / CHUNKS);
+
+// One BM x BN x BK stage: A rows gathered from the source, B rows from the packed weights.
+// Source channels are a multiple of 8 (the host pads them), so 8 consecutive reduction
+// elements share one tap and each is one 16-byte cp.async, zero-filled at padding.
+// `tap` is this thread's reduction index k0 + chunk * 8, advanced to the next tile on return.
+template <typename T, bool TRANSPOSED, int BN>
+__device__ __forceinline__ void load_stage(const Problem<T>& P, const RowPos* rows, Tap& tap,
+                                           T* As, T* Bs, int n0, int k0) {
+  const int t = threadIdx.x;
+  const int chunk = t % CHUNKS, kk = k0 + chunk * 8;
+#pragma unroll
+  for (int i = 0; i < ROWS_PER_THREAD; ++i) {
+    const int r = t / CHUNKS + i * (THREADS / CHUNKS);
+    const T* src = rows[i].n >= 0
+                       ? gather<TRANSPOSED>(P, rows[i].n, rows[i].z, rows[i].h, rows[i].w, tap)
+                       : nullptr;
+    cp_async16(As + r * LDS + chunk * 8, src ? src : P.weight, src != nullptr);
+  }
+  advance(P, tap, BK);
+#pragma unroll
+  for (int r = t / CHUNKS; r < BN; r += THREADS / CHUNKS) {
+    const int col = n0 + r;
+    const bool ok = col < P.cols && kk < P.K;
+    cp_async16(Bs + r * LDS + chunk * 8, ok ? P.weight + (int64_t)col * P.K + kk : P.weight, ok);
+  }
+}
+
+// 8 warps as 4 (rows) x 2 (columns); each warp owns 32 x (WN*16) of the tile.
+template <typename T, bool TRANSPOSED, int WN>
+__global__ void __launch_bounds__(THREADS, 2) igemm_mma(const Problem<T> P) {
+  constexpr int BN = 2 * WN * 16;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
+  auto A = [&](int stage) { return smem + stage * (BM + BN) * LDS; };
+  auto B = [&](int stage) { return A(stage) + BM * LDS; };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][WN];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < WN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  RowPos rows[ROWS_PER_THREAD];
+#pragma unroll
+  for (int i = 0; i < ROWS_PER_THREAD; ++i) {
+    const int m = m0 + threadIdx.x / CHUNKS + i * (THREADS / CHUNKS);
+    rows[i].n = -1;
+    if (m < P.M) decode(P, m, rows[i].n, rows[i].z, rows[i].h, rows[i].w);
+  }
+  Tap tap = tap_of(P, (threadIdx.x % CHUNKS) * 8);
+  const int tiles = (P.K + BK - 1) / BK;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < tiles) load_stage<T, TRANSPOSED, BN>(P, rows, tap, A(st), B(st), n0, st * BK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage kt is complete and stage kt-1 is no longer being read
+    const int next = kt + STAGES - 1;
+    if (next < tiles) {
+      load_stage<T, TRANSPOSED, BN>(P, rows, tap, A(next % STAGES), B(next % STAGES), n0,
+                                    next * BK);
+    }
+    cp_async_commit();
+    const T* As = A(kt % STAGES);
+    const T* Bs = B(kt % STAGES);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[WN];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * LDS + kk, LDS);
+#pragma unroll
+      for (int j = 0; j < WN; ++j)
+        wmma::load_matrix_sync(b[j], Bs + (wn * WN * 16 + j * 16) * LDS + kk, LDS);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < WN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: each warp stages one 16x16 accumulator at a time in shared memory; a lane
+  // writes 8 consecutive channels of one row (bias + activation applied in float32).
+  float* scratch = reinterpret_cast<float*>(smem_raw) + warp * 256;
+  const int lane = threadIdx.x % 32, row = lane / 2, half8 = (lane % 2) * 8;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < WN; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int m = m0 + wm * 32 + i * 16 + row;
+      const int col = n0 + wn * WN * 16 + j * 16 + half8;
+      if (m < P.M) {
+        int n, z, h, w;
+        decode(P, m, n, z, h, w);
+        T* out = P.dst.at(n, z, h, w);
+        if (col + 8 <= P.cols && P.cols % 8 == 0) {
+          alignas(16) T v[8];
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            float x = scratch[row * 16 + half8 + q];
+            if (P.bias) x += to_float(P.bias[col + q]);
+            v[q] = from_float<T>(activate(x, P.act, P.slope));
+          }
+          *reinterpret_cast<uint4*>(out + col) = *reinterpret_cast<const uint4*>(v);
+        } else {
+          for (int q = 0; q < 8 && col + q < P.cols; ++q) {
+            float x = scratch[row * 16 + half8 + q];
+            if (P.bias) x += to_float(P.bias[col + q]);
+            out[col + q] = from_float<T>(activate(x, P.act, P.slope));
+          }
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// ---------------------------------------------------------------- float32 (SIMT)
+
+// One thread per result element; a warp covers consecutive channels of one row, so the
+// gathered source values are shared through the cache.
+template <bool TRANSPOSED>
+__global__ void igemm_simt(const Problem<float> P) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)P.M * P.cols) return;
+  const int m = static_cast<int>(idx / P.cols), col = static_cast<int>(idx % P.cols);
+  int n, z, h, w;
+  decode(P, m, n, z, h, w);
+  const float* wrow = P.weight + (int64_t)col * P.K;
+  float acc = 0.f;
+  for (int kk0 = 0; kk0 < P.K; kk0 += P.src.C) {  // one tap at a time
+    const float* base = gather<TRANSPOSED>(P, n, z, h, w, tap_of(P, kk0));
+    if (!base) continue;
+    for (int c = 0; c < P.src.C; ++c) acc += base[c] * wrow[kk0 + c];
+  }
+  store(P, m, col, acc);
+}
+
+// ---------------------------------------------------------------- weight gradient
+
+// grad_w[co][kk] = sum over output rows m of grad[m][co] * gathered input(m, kk).
+// Block: 64 output channels x 64 taps, a slice of rows; float32 atomics across slices.
+template <typename T>
+__global__ void weight_grad(const Problem<T> P, const T* grad, int Cout, float* out,
+                            int rows_per_block) {
+  constexpr int TILE = 64, ROWS = 16;
+  __shared__ float G[ROWS][TILE + 1];
+  __shared__ float X[ROWS][TILE + 1];
+  const int co0 = blockIdx.y * TILE, kk0 = blockIdx.x * TILE;
+  const int r_begin = blockIdx.z * rows_per_block;
+  const int r_end = min(P.M, r_begin + rows_per_block);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 x 16 threads, 4x4 each
+  float acc[4][4] = {};
+  for (int r0 = r_begin; r0 < r_end; r0 += ROWS) {
+    for (int i = threadIdx.x; i < ROWS * TILE; i += 256) {
+      const int r = i / TILE, q = i % TILE, m = r0 + r;
+      float g = 0.f, x = 0.f;
+      if (m < r_end) {
+        if (co0 + q < Cout) g = to_float(grad[(int64_t)m * Cout + co0 + q]);
+        if (kk0 + q < P.K) {
+          int n, z, h, w;
+          decode(P, m, n, z, h, w);
+          const T* v = gather<false>(P, n, z, h, w, tap_of(P, kk0 + q));
+          if (v) x = to_float(*v);
+        }
+      }
+      G[r][q] = g;
+      X[r][q] = x;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float gv[4], xv[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) gv[a] = G[r][ty * 4 + a], xv[a] = X[r][tx * 4 + a];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] += gv[a] * xv[b];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int co = co0 + ty * 4 + a, kk = kk0 + tx * 4 + b;
+      if (co < Cout && kk < P.K) atomicAdd(out + (int64_t)co * P.K + kk, acc[a][b]);
+    }
+}
+
+// Tensor-core weight gradient (fp16/bf16; channels padded to multiples of 8):
+// grad_w (64 output channels x 128 taps per block) += grad^T (64 x 32 rows) x X (32 x 128),
+// rows streamed through a 3-stage cp.async pipeline; row slices reduced with float32 atomics.
+constexpr int WG_CO = 64, WG_KK = 128, WG_R = 32, WG_LDG = WG_CO + 8, WG_LDX = WG_KK + 8;
+
+// `tap` is this thread's reduction index kk0 + (thread % 16) * 8, fixed for the block.
+template <typename T>
+__device__ __forceinline__ void load_wgrad_stage(const Problem<T>& P, const T* grad, int Cout,
+                                                 const Tap& tap, T* Gs, T* Xs, int r0,
+                                                 int r_end, int co0) {
+  const int t = threadIdx.x;
+  {  // grad rows: 32 x 64 channels = 256 pieces of 16 bytes
+    const int row = t / 8, piece = t % 8, m = r0 + row, co = co0 + piece * 8;
+    const bool ok = m < r_end && co < Cout;
+    cp_async16(Gs + row * WG_LDG + piece * 8, ok ? grad + (int64_t)m * Cout + co : grad, ok);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // gathered input rows: 32 x 128 taps = 512 pieces
+    const int row = t / 16 + i * 16, piece = t % 16, m = r0 + row;
+    const T* src = nullptr;
+    if (m < r_end) {
+      int n, z, h, w;
+      decode(P, m, n, z, h, w);
+      src = gather<false>(P, n, z, h, w, tap);
+    }
+    cp_async16(Xs + row * WG_LDX + piece * 8, src ? src : grad, src != nullptr);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) weight_grad_mma(const Problem<T> P, const T* grad,
+                                                           int Cout, float* out,
+                                                           int rows_per_block) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  constexpr int STAGE = WG_R * (WG_LDG + WG_LDX);
+  const int co0 = blockIdx.y * WG_CO, kk0 = blockIdx.x * WG_KK;
+  const int r_begin = blockIdx.z * rows_per_block;
+  const int r_end = min(P.M, r_begin + rows_per_block);
+  const int warp = threadIdx.x / 32, wc = warp % 2, wk = warp / 2;  // 2 x 4 warps, 32 x 32 each
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  const Tap tap = tap_of(P, kk0 + (threadIdx.x % 16) * 8);
+  const int tiles = r_end > r_begin ? (r_end - r_begin + WG_R - 1) / WG_R : 0;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < tiles)
+      load_wgrad_stage(P, grad, Cout, tap, smem + st * STAGE, smem + st * STAGE + WG_R * WG_LDG,
+                       r_begin + st * WG_R, r_end, co0);
+    cp_async_commit();
+  }
+  for (int it = 0; it < tiles; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = it + STAGES - 1;
+    if (next < tiles) {
+      T* base = smem + (next % STAGES) * STAGE;
+      load_wgrad_stage(P, grad, Cout, tap, base, base + WG_R * WG_LDG, r_begin + next * WG_R,
+                       r_end, co0);
+    }
+    cp_async_commit();
+    const T* Gs = smem + (it % STAGES) * STAGE;
+    const T* Xs = Gs + WG_R * WG_LDG;
+#pragma unroll
+    for (int r = 0; r < WG_R; r += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], Gs + r * WG_LDG + wc * 32 + i * 16, WG_LDG);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], Xs + r * WG_LDX + wk * 32 + j * 16, WG_LDX);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* scratch = reinterpret_cast<float*>(smem_raw) + warp * 256;
+  const int lane = threadIdx.x % 32, row = lane / 2, half8 = (lane % 2) * 8;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int co = co0 + wc * 32 + i * 16 + row, kk = kk0 + wk * 32 + j * 16 + half8;
+      if (co < Cout)
+        for (int q = 0; q < 8 && kk + q < P.K; ++q)
+          atomicAdd(out + (int64_t)co * P.K + kk + q, scratch[row * 16 + half8 + q]);
+      __syncwarp();
+    }
+}
+
+// ---------------------------------------------------------------- host side
+
+template <typename T>
+Slab<T> slab(T* lo, T* mid, T* hi, int nlo, int D, int nhi, int H, int W, int C) {
+  return {lo, mid, hi, nlo, D, nhi, H, W, C};
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.numel() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+at::Tensor channels_last(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// The tensor-core kernels read source channels 8 at a time: fp16/bf16 operands are zero-padded
+// to a multiple of 8 channels (only the first layer, C = 1, and odd layers pay a copy).
+int64_t lanes(int64_t channels, const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? channels : (channels + 7) / 8 * 8;
+}
+
+// Channels-last (N, C, D, H, W) with C zero-padded to `channels`.
+at::Tensor channels_last(const at::Tensor& t, int64_t channels) {
+  const at::Tensor cl = channels_last(t);
+  if (t.size(1) == channels) return cl;
+  const at::Tensor ndhwc = cl.permute({0, 2, 3, 4, 1});
+  return at::constant_pad_nd(ndhwc, {0, channels - t.size(1)}).permute({0, 4, 1, 2, 3});
+}
+
+at::Tensor cl_or_empty(const std::optional<at::Tensor>& t, const at::Tensor& like,
+                       int64_t channels) {
+  return t.has_value() ? channels_last(*t, channels) : at::empty({0}, like.options());
+}
+
+// Weight permuted to `order` with its last dimension zero-padded to `last`.
+at::Tensor packed(const at::Tensor& w, at::IntArrayRef order, int64_t last) {
+  const at::Tensor p = w.permute(order).contiguous();
+  return p.size(4) == last ? p : at::constant_pad_nd(p, {0, last - p.size(4)});
+}
+
+template <typename T, bool TRANSPOSED, int WN>
+void launch_mma(const Problem<T>& P, cudaStream_t stream) {
+  constexpr int BN = 2 * WN * 16;
+  const int smem = STAGES * (BM + BN) * LDS * static_cast<int>(sizeof(T));
+  auto kernel = igemm_mma<T, TRANSPOSED, WN>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((P.M + BM - 1) / BM, (P.cols + BN - 1) / BN);
+  kernel<<<grid, THREADS, smem, stream>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool TRANSPOSED>
+void run_igemm(const Problem<T>& P, cudaStream_t stream) {
+  if (P.M == 0 || P.cols == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t total = (int64_t)P.M * P.cols;
+    igemm_simt<TRANSPOSED><<<(total + 255) / 256, 256, 0, stream>>>(P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    // Column tile 32, 64 or 128 wide: the narrowest that holds the channels (or 128).
+    TORCH_CHECK(P.src.C % 8 == 0, "fedmri.conv3d: internal: unpadded channels");
+    const int wn = P.cols <= 32 ? 1 : P.cols <= 64 ? 2 : 4;
+    if (wn == 1) launch_mma<T, TRANSPOSED, 1>(P, stream);
+    if (wn == 2) launch_mma<T, TRANSPOSED, 2>(P, stream);
+    if (wn == 4) launch_mma<T, TRANSPOSED, 4>(P, stream);
+  }
+}
+
+template <typename F>
+void dispatch(at::ScalarType type, F f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "fedmri.conv3d on CUDA supports float32, float16 and bfloat16, got ", type);
+  }
+}
+
+at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
+                        const std::optional<at::Tensor>& b_in,
+                        const std::optional<at::Tensor>& lo_in,
+                        const std::optional<at::Tensor>& hi_in, int64_t stride,
+                        int64_t activation, double slope) {
+  const Geometry g = describe(x_in, w_in, b_in, lo_in, hi_in, stride);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t C = lanes(g.C, x_in);
+  const at::Tensor x = channels_last(x_in, C);
+  const at::Tensor lo = cl_or_empty(lo_in, x, C), hi = cl_or_empty(hi_in, x, C);
+  const at::Tensor wp = packed(w_in, {0, 2, 3, 4, 1}, C);  // [Cout][kd][kh][kw][C]
+  const at::Tensor bias = b_in.has_value() ? b_in->contiguous() : at::empty({0}, x.options());
+  at::Tensor y = at::empty({g.N, g.Cout, g.Do, g.Ho, g.Wo},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    Problem<T> P{};
+    P.src = slab<const T>(ptr<T>(lo), ptr<T>(x), ptr<T>(hi), g.lo, g.D, g.hi, g.H, g.W, C);
+    P.dst = slab<T>(nullptr, ptr<T>(y), nullptr, 0, g.Do, 0, g.Ho, g.Wo, g.Cout);
+    P.weight = ptr<T>(wp);
+    P.bias = ptr<T>(bias);
+    P.M = g.N * g.Do * g.Ho * g.Wo, P.cols = g.Cout, P.K = g.k * g.k * g.k * C;
+    P.k = g.k, P.s = g.s, P.p = g.p, P.act = activation, P.slope = slope;
+    run_igemm<T, false>(P, at::cuda::getCurrentCUDAStream());
+  });
+  return y.contiguous(result_format(x_in));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_in,
+    const std::optional<at::Tensor>& lo_in, const std::optional<at::Tensor>& hi_in,
+    int64_t stride) {
+  const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t Cout = lanes(g.Cout, x_in);
+  const at::Tensor grad = channels_last(grad_in, Cout);
+  const at::Tensor wt = packed(w_in, {1, 2, 3, 4, 0}, Cout);  // [C][kd][kh][kw][Cout]
+  const auto cl = x_in.options().memory_format(at::MemoryFormat::ChannelsLast3d);
+  at::Tensor gx = at::empty(x_in.sizes(), cl);
+  at::Tensor glo = lo_in ? at::empty(lo_in->sizes(), cl) : at::empty({0}, x_in.options());
+  at::Tensor ghi = hi_in ? at::empty(hi_in->sizes(), cl) : at::empty({0}, x_in.options());
+  dispatch(x_in.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    Problem<T> P{};
+    P.src = slab<const T>(nullptr, ptr<T>(grad), nullptr, 0, g.Do, 0, g.Ho, g.Wo, Cout);
+    P.dst = slab<T>(ptr<T>(glo), ptr<T>(gx), ptr<T>(ghi), g.lo, g.D, g.hi, g.H, g.W, g.C);
+    P.weight = ptr<T>(wt);
+    P.bias = nullptr;
+    P.M = g.N * (g.lo + g.D + g.hi) * g.H * g.W, P.cols = g.C, P.K = g.k * g.k * g.k * Cout;
+    P.k = g.k, P.s = g.s, P.p = g.p, P.act = kNoActivation, P.slope = 0.f;
+    run_igemm<T, true>(P, at::cuda::getCurrentCUDAStream());
+  });
+  auto finish = [](const at::Tensor& t, const std::optional<at::Tensor>& like) {
+    return like.has_value() ? t.contiguous(result_format(*like)) : t;
+  };
+  return {finish(gx, x_in), finish(glo, lo_in), finish(ghi, hi_in)};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_in,
+    const std::optional<at::Tensor>& lo_in, const std::optional<at::Tensor>& hi_in,
+    int64_t stride) {
+  const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t C = lanes(g.C, x_in), Cout = lanes(g.Cout, x_in);
+  const at::Tensor x = channels_last(x_in, C);
+  const at::Tensor lo = cl_or_empty(lo_in, x, C), hi = cl_or_empty(hi_in, x, C);
+  const at::Tensor grad = channels_last(grad_in, Cout);
+  const int K = g.k * g.k * g.k * C;
+  at::Tensor acc = at::zeros({Cout, K}, x.options().dtype(at::kFloat));
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    Problem<T> P{};
+    P.src = slab<const T>(ptr<T>(lo), ptr<T>(x), ptr<T>(hi), g.lo, g.D, g.hi, g.H, g.W, C);
+    P.dst = slab<T>(nullptr, nullptr, nullptr, 0, g.Do, 0, g.Ho, g.Wo, Cout);  // row decode
+    P.M = g.N * g.Do * g.Ho * g.Wo, P.cols = Cout, P.K = K;
+    P.k = g.k, P.s = g.s, P.p = g.p;
+    if (P.M == 0) return;
+    // Enough row slices to fill the GPU a few times over, at least 512 rows each.
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    auto slices_for = [&](int tiles) {
+      return std::max(1, std::min((P.M + 511) / 512, 4 * sms / tiles + 1));
+    };
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    if constexpr (std::is_same_v<T, float>) {
+      const dim3 grid((K + 63) / 64, (Cout + 63) / 64);
+      const int slices = slices_for(grid.x * grid.y);
+      weight_grad<T><<<dim3(grid.x, grid.y, slices), 256, 0, stream>>>(
+          P, ptr<T>(grad), static_cast<int>(Cout), acc.data_ptr<float>(),
+          (P.M + slices - 1) / slices);
+    } else {
+      const dim3 grid((K + WG_KK - 1) / WG_KK, (Cout + WG_CO - 1) / WG_CO);
+      const int slices = slices_for(grid.x * grid.y);
+      const int smem = STAGES * WG_R * (WG_LDG + WG_LDX) * static_cast<int>(sizeof(T));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(weight_grad_mma<T>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      weight_grad_mma<T><<<dim3(grid.x, grid.y, slices), THREADS, smem, stream>>>(
+          P, ptr<T>(grad), static_cast<int>(Cout), acc.data_ptr<float>(),
+          (P.M + slices - 1) / slices);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // [Cout][kd][kh][kw][C] -> [Cout][C][kd][kh][kw]
+  at::Tensor gw = acc.view({Cout, g.k, g.k, g.k, C}).permute({0, 4, 1, 2, 3})
+                      .narrow(0, 0, g.Cout).narrow(1, 0, g.C)
+                      .to(w_in.scalar_type()).contiguous();
+  at::Tensor gb = grad_in.to(at::kFloat).sum({0, 2, 3, 4}).to(w_in.scalar_type());
+  return {gw, gb};
+}
+
+}  // namespace
+}  // namespace fedmri
+
+TORCH_LIBRARY_IMPL(fedmri, CUDA, m) {
+  m.impl("conv3d_forward", &fedmri::forward_cuda);
+  m.impl("conv3d_backward_input", &fedmri::backward_input_cuda);
+  m.impl("conv3d_backward_weight", &fedmri::backward_weight_cuda);
+}

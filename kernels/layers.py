@@ -1,0 +1,44 @@
+"""nn.Conv3d on the fedmri op, and the swap that puts a model's 3D convolutions on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedmri.kernels.ops import conv3d
+
+
+class Conv3d(nn.Conv3d):
+    """An nn.Conv3d (same parameters and state_dict) computed by fedmri.kernels.conv3d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        # Custom ops are not autocast by torch: cast as autocast would cast F.conv3d.
+        if torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu":
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), w.to(dtype)
+            b = b.to(dtype) if b is not None else None
+        return conv3d(x, w, b, stride=self.stride[0])
+
+
+def eligible(conv: nn.Module) -> bool:
+    """Whether the op computes exactly this layer: k 1 or 3, 'same' padding, stride 1 or 2."""
+    if type(conv) is not nn.Conv3d:
+        return False
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    return (len(set(k)) == 1 and k[0] in (1, 3) and len(set(s)) == 1 and s[0] in (1, 2)
+            and p == (k[0] // 2,) * 3 and conv.dilation == (1, 1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def use_fedmri_conv(model: nn.Module) -> int:
+    """Switch every eligible nn.Conv3d of `model` to the fedmri op in place; returns how many.
+
+    The swap changes the class only, so parameters, hooks and state_dict keys stay the same.
+    """
+    count = 0
+    for module in model.modules():
+        if eligible(module):
+            module.__class__ = Conv3d
+            count += 1
+    return count

@@ -1,0 +1,207 @@
+"""fedmri.kernels on CPU: results and every gradient against F.conv3d on the concatenated
+input, opcheck, torch.compile, errors, and the model swap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernels_reference import make_inputs, reference
+
+from fedmri.kernels import conv3d, load, use_fedmri_conv
+
+# n, c, cout, (d, h, w), k, stride, halo_lo, halo_hi, activation
+CASES = [
+    (2, 3, 4, (5, 6, 7), 3, 1, True, True, "relu"),
+    (1, 2, 5, (7, 5, 6), 3, 2, True, False, "leaky_relu"),
+    (3, 4, 3, (6, 9, 8), 3, 2, False, True, None),
+    (2, 5, 6, (4, 7, 3), 1, 1, False, False, None),
+    (1, 3, 2, (1, 4, 5), 3, 1, True, True, None),     # one-plane slab: both halos reach it
+    (2, 2, 3, (3, 5, 5), 3, 2, True, True, "relu"),   # odd depth at stride 2 reads halo_hi
+    (1, 6, 7, (8, 3, 9), 1, 2, False, False, "relu"),
+]
+
+
+def _grads(out: torch.Tensor, inputs: dict[str, torch.Tensor | None], gy: torch.Tensor
+           ) -> dict[str, torch.Tensor]:
+    names = [k for k in ("x", "w", "b", "lo", "hi") if inputs[k] is not None]
+    grads = torch.autograd.grad(out, [inputs[k] for k in names], gy)  # type: ignore[misc]
+    return dict(zip(names, grads, strict=True))
+
+
+def _ours(t: dict[str, torch.Tensor | None], stride: int, act: str | None) -> torch.Tensor:
+    return conv3d(t["x"], t["w"], t["b"], halo_lo=t["lo"], halo_hi=t["hi"],  # type: ignore[arg-type]
+                  stride=stride, activation=act, negative_slope=0.1)
+
+
+def _ref(t: dict[str, torch.Tensor | None], stride: int, act: str | None) -> torch.Tensor:
+    return reference(t["x"], t["w"], t["b"], t["lo"], t["hi"], stride, act)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float64_equals_reference_with_all_gradients(case) -> None:  # type: ignore[no-untyped-def]
+    n, c, cout, dhw, k, stride, lo, hi, act = case
+    torch.manual_seed(hash(case) % 2**31)
+    t = make_inputs(n, c, cout, dhw, k, lo, hi, torch.float64)
+    y, ref = _ours(t, stride, act), _ref(t, stride, act)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(ref)
+    ours, theirs = _grads(y, t, gy), _grads(ref, t, gy)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-11, atol=1e-11,
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_within_bound(case, dtype) -> None:  # type: ignore[no-untyped-def]
+    """float32 goes through oneDNN; half types are computed in float32 and rounded once."""
+    n, c, cout, dhw, k, stride, lo, hi, act = case
+    t = make_inputs(n, c, cout, dhw, k, lo, hi, dtype)
+    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
+           for key, v in t.items()}
+    y, ref = _ours(t, stride, act), _ref(t64, stride, act)
+    bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert y.dtype == dtype
+    assert _rel_err(y, ref) < bound
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    ours, theirs = _grads(y, t, gy.to(dtype)), _grads(ref, t64, gy)
+    for name, g in theirs.items():
+        assert ours[name].dtype == dtype
+        assert _rel_err(ours[name], g) < 4 * bound, name
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref||; a halo the stride never reads has an all-zero gradient."""
+    err = float((a.detach().double() - ref.detach()).norm())
+    return err / max(float(ref.detach().norm()), 1e-12)
+
+
+def test_halos_are_used_not_zero_padding() -> None:
+    t = make_inputs(1, 2, 3, (4, 5, 5), 3, True, True, torch.float64)
+    with_halos = _ours(t, 1, None)
+    zero_padded = conv3d(t["x"], t["w"], t["b"])  # type: ignore[arg-type]
+    interior = slice(1, -1)
+    torch.testing.assert_close(with_halos[:, :, interior], zero_padded[:, :, interior])
+    assert not torch.allclose(with_halos[:, :, 0], zero_padded[:, :, 0])
+    assert not torch.allclose(with_halos[:, :, -1], zero_padded[:, :, -1])
+    # zero halos are the same as no halos
+    zeros = {**t, "lo": torch.zeros_like(t["lo"]), "hi": torch.zeros_like(t["hi"])}  # type: ignore[arg-type]
+    torch.testing.assert_close(_ours(zeros, 1, None), zero_padded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_in_channels_last_out(dtype) -> None:  # type: ignore[no-untyped-def]
+    t = make_inputs(2, 4, 6, (5, 6, 7), 3, True, False, dtype)
+    x_cl = t["x"].detach().contiguous(memory_format=torch.channels_last_3d)  # type: ignore[union-attr]
+    y = conv3d(x_cl, t["w"], t["b"], halo_lo=t["lo"])  # type: ignore[arg-type]
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, conv3d(t["x"], t["w"], t["b"], halo_lo=t["lo"]))  # type: ignore[arg-type]
+
+
+def test_opcheck() -> None:
+    load()
+    for lo, hi, dtype in [(True, True, torch.float64), (False, False, torch.float32),
+                          (True, False, torch.float32)]:
+        t = make_inputs(2, 3, 4, (4, 5, 6), 3, lo, hi, dtype)
+        torch.library.opcheck(torch.ops.fedmri.conv3d_forward.default,
+                              (t["x"], t["w"], t["b"], t["lo"], t["hi"], 1, 2, 0.1))
+        grad = torch.randn(2, 4, 4, 5, 6, dtype=dtype)
+        detached = [v.detach() if v is not None else None for v in t.values()]
+        x, w, _, hl, hh = detached
+        torch.library.opcheck(torch.ops.fedmri.conv3d_backward_input.default,
+                              (grad, x, w, hl, hh, 1))
+        torch.library.opcheck(torch.ops.fedmri.conv3d_backward_weight.default,
+                              (grad, x, w, hl, hh, 1))
+
+
+def test_torch_compile_fullgraph_forward_and_backward() -> None:
+    t = make_inputs(2, 3, 4, (6, 5, 5), 3, True, True, torch.float32)
+
+    def layer(x, w, b, lo, hi):  # type: ignore[no-untyped-def]
+        return conv3d(x, w, b, halo_lo=lo, halo_hi=hi, stride=2, activation="relu").sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    args = [t[k] for k in ("x", "w", "b", "lo", "hi")]
+    out = compiled(*args)
+    torch.testing.assert_close(out, layer(*args))
+    grads = torch.autograd.grad(out, args)  # type: ignore[arg-type]
+    expected = torch.autograd.grad(layer(*args), args)  # type: ignore[arg-type]
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda t: {**t, "lo": t["lo"][:, :, :, :-1]}, "halo_lo has shape"),
+    (lambda t: {**t, "hi": t["hi"].double()}, "halo_hi is Double"),
+    (lambda t: {**t, "w": torch.randn(4, 3, 5, 5, 5)}, "kernel must be 1x1x1 or 3x3x3"),
+    (lambda t: {**t, "w": torch.randn(4, 2, 3, 3, 3)}, "weight expects 2 input channels, x has 3"),
+    (lambda t: {**t, "b": torch.randn(5)}, "bias must have shape [4]"),
+    (lambda t: {**t, "x": t["x"][0]}, "x must be (N, C, D, H, W)"),
+])
+def test_bad_input_is_named(change, message) -> None:  # type: ignore[no-untyped-def]
+    t = {k: v.detach() if v is not None else None
+         for k, v in make_inputs(2, 3, 4, (4, 5, 6), 3, True, True, torch.float32).items()}
+    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        _ours(change(t), 1, None)
+
+
+def test_bad_arguments_are_named() -> None:
+    t = make_inputs(1, 2, 2, (3, 3, 3), 3, False, False, torch.float32)
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2, got 3"):
+        conv3d(t["x"], t["w"], stride=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="activation must be one of"):
+        conv3d(t["x"], t["w"], activation="gelu")  # type: ignore[arg-type]
+
+
+def test_unet_on_fedmri_conv_matches_aten() -> None:
+    from fedmri.common.config import RunConfig
+    from fedmri.common.models import build_model
+
+    from fedmri.kernels import Conv3d
+
+    reference_model = build_model(RunConfig(conv_backend="aten")).double()
+    ours = build_model(RunConfig(conv_backend="aten")).double()
+    swapped = use_fedmri_conv(ours)
+    convs = [m for m in reference_model.modules() if type(m) is torch.nn.Conv3d]
+    assert swapped == len(convs) > 0
+    by_default = build_model(RunConfig())  # the trainer's default backend is ours
+    assert sum(type(m) is Conv3d for m in by_default.modules()) == swapped
+    assert ours.state_dict().keys() == reference_model.state_dict().keys()
+    x = torch.randn(1, 1, 24, 24, 24, dtype=torch.float64)
+    y_ref, y = reference_model(x), ours(x)
+    torch.testing.assert_close(y, y_ref)
+    y_ref.square().mean().backward()
+    y.square().mean().backward()
+    for (name, p_ref), p in zip(reference_model.named_parameters(), ours.parameters(),
+                                strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_float64_path_matches_onednn_path() -> None:
+    """The two CPU routes (im2col + GEMM for float64, oneDNN for float32) agree."""
+    t = make_inputs(2, 4, 5, (6, 7, 5), 3, True, True, torch.float64)
+    y64 = _ours(t, 2, "relu")
+    t32 = {k: v.detach().float() if v is not None else None for k, v in t.items()}
+    y32 = _ours(t32, 2, "relu")
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-5)
+    assert F.relu(y64).equal(y64)
+
+
+def test_kernels_info_json_names_backends_and_reasons() -> None:
+    import json
+    import subprocess
+    import sys
+
+    load()  # the CPU backend is built by now
+    done = subprocess.run([sys.executable, "-m", "fedmri.kernels.cli", "info", "--json"],
+                          capture_output=True, text=True, check=True)
+    info = json.loads(done.stdout)
+    assert info["torch"] == torch.__version__ and info["cuda"] == torch.version.cuda
+    assert info["backends"]["cpu"]["compiled"] is True
+    cuda = info["backends"]["cuda"]
+    assert set(cuda) >= {"compiled", "archs", "reason"}
+    if torch.version.cuda is None:  # a CPU torch: no CUDA backend, and it says why
+        assert cuda["compiled"] is False and "CPU build" in cuda["reason"]

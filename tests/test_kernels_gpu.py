@@ -1,0 +1,96 @@
+"""fedmri.kernels on CUDA against a float64 reference (marked gpu; skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernels_reference import make_inputs, reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+
+# Relative error bounds ||out - ref|| / ||ref|| per dtype (float32 accumulation).
+BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Shapes off the tile sizes (128 rows, 64/128 columns, 32-deep reduction) on purpose.
+CASES = [
+    # n, c, cout, (d, h, w), k, stride, halo_lo, halo_hi, activation
+    (2, 16, 24, (7, 9, 11), 3, 1, True, True, "relu"),
+    (1, 8, 72, (5, 13, 6), 3, 2, True, False, "leaky_relu"),
+    (3, 3, 5, (6, 7, 5), 3, 1, False, True, None),      # channels % 8 != 0: scalar gather
+    (2, 32, 130, (4, 5, 17), 1, 1, False, False, None),
+    (1, 24, 40, (9, 8, 7), 3, 2, False, False, "relu"),
+    (2, 40, 16, (3, 33, 31), 3, 1, True, True, None),
+]
+
+
+def _poisoned_call(fn, like_shapes, dtype):  # type: ignore[no-untyped-def]
+    """Fill freed blocks of the outputs' sizes with NaN first, so an unwritten element shows."""
+    for shape in like_shapes:
+        torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+    out = fn()
+    torch.cuda.synchronize()  # surfaces an asynchronous CUDA error here
+    return out
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite (unwritten?) output elements"
+    return float((a.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _check_once(case, dtype, channels_last) -> None:  # type: ignore[no-untyped-def]
+    from fedmri.kernels import conv3d
+
+    n, c, cout, dhw, k, stride, lo, hi, act = case
+    t = make_inputs(n, c, cout, dhw, k, lo, hi, dtype, "cuda")
+    if channels_last:
+        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    ref_in = {key: (v.detach().double().cpu().requires_grad_() if v is not None else None)
+              for key, v in t.items()}
+    ref = reference(ref_in["x"], ref_in["w"], ref_in["b"], ref_in["lo"], ref_in["hi"], stride,
+                    act)
+    y = _poisoned_call(lambda: conv3d(t["x"], t["w"], t["b"], halo_lo=t["lo"], halo_hi=t["hi"],
+                                      stride=stride, activation=act, negative_slope=0.1),
+                       [tuple(ref.shape)], dtype)
+    assert y.shape == ref.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert _rel(y, ref.detach()) < BOUND[dtype]
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    names = [key for key in ("x", "w", "b", "lo", "hi") if t[key] is not None]
+    grads = _poisoned_call(
+        lambda: torch.autograd.grad(y, [t[key] for key in names], gy.to("cuda", dtype)),
+        [tuple(t[key].shape) for key in names], dtype)
+    ref_grads = torch.autograd.grad(ref, [ref_in[key] for key in names], gy)
+    for key, g, r in zip(names, grads, ref_grads, strict=True):
+        assert _rel(g, r) < 4 * BOUND[dtype], f"gradient of {key}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_float64_reference(case, dtype, channels_last) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(2):  # fresh random inputs each time
+        _check_once(case, dtype, channels_last)
+
+
+def test_large_layer_bf16() -> None:
+    """A real U-Net layer size: many blocks along rows and the 3-stage pipeline fully used."""
+    from fedmri.kernels import conv3d
+
+    t = make_inputs(2, 64, 64, (24, 40, 40), 3, True, True, torch.bfloat16, "cuda")
+    x = t["x"].detach().contiguous(memory_format=torch.channels_last_3d)
+    ref = reference(*(v.detach().double().cpu() if v is not None else None
+                      for v in (x, t["w"], t["b"], t["lo"], t["hi"])), 1, "relu")
+    w, b, lo, hi = (t[key].detach() for key in ("w", "b", "lo", "hi"))  # type: ignore[union-attr]
+    y = _poisoned_call(lambda: conv3d(x, w, b, halo_lo=lo, halo_hi=hi, activation="relu"),
+                       [tuple(ref.shape)], torch.bfloat16)
+    assert _rel(y, ref) < BOUND[torch.bfloat16]
+
+
+def test_opcheck_cuda() -> None:
+    from fedmri.kernels import load
+
+    load()
+    t = make_inputs(2, 8, 16, (5, 6, 7), 3, True, True, torch.float16, "cuda")
+    torch.library.opcheck(torch.ops.fedmri.conv3d_forward.default,
+                          (t["x"], t["w"], t["b"], t["lo"], t["hi"], 1, 1, 0.0))
