@@ -82,6 +82,13 @@ def test_ratios_need_both_sides() -> None:
     assert got["overhead_ours_over_flower"] == pytest.approx(0.25)
     assert got["upload_ours_over_plain"] == 3.0
     assert got["error_ours_over_flower"] == pytest.approx(0.2)
+    assert got["overhead_ours_over_flower_after_round_1"] is None  # no per-round figures
+    for variant, per_round in (("plain", [2.0, 2.0]), ("flower", [12.0, 8.0]),
+                               ("ours", [7.0, 3.0])):
+        results[variant]["rounds"] = [{"seconds": s} for s in per_round]
+    got = ratios(results)
+    assert got["overhead_ours_over_flower_after_round_1"] == pytest.approx(1 / 6)
+    assert got["overhead_ours_over_flower"] == pytest.approx(0.25)  # from seconds_per_round
 
 
 def _tagged_processes(tag: str) -> list[psutil.Process]:
