@@ -159,7 +159,6 @@ def test_bad_arguments_are_named() -> None:
 def test_unet_on_fedmri_conv_matches_aten() -> None:
     from fedmri.common.config import RunConfig
     from fedmri.common.models import build_model
-
     from fedmri.kernels import Conv3d
 
     reference_model = build_model(RunConfig(conv_backend="aten")).double()

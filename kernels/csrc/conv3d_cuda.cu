@@ -81,10 +81,25 @@ __device__ __forceinline__ bool source(int s, int p, int o, int k, int& i) {
     i = o * s - p + k;
     return true;
   }
-  const int num = o + p - k;
-  if (num < 0 || num % s) return false;
-  i = num / s;
+  const int num = o + p - k;  // s is 1 or 2: no division
+  if (num < 0 || (num & (s - 1))) return false;
+  i = num >> (s - 1);
   return true;
+}
+
+// Result row m += step without divisions (rows walked in order; any step, any sizes).
+template <typename T>
+__device__ __forceinline__ void advance_row(const Problem<T>& P, int& n, int& z, int& h, int& w,
+                                            int step) {
+  const Slab<T>& d = P.dst;
+  w += step;
+  while (w >= d.W) {
+    w -= d.W;
+    if (++h == d.H) {
+      h = 0;
+      if (++z == d.D + d.nhi) z = -d.nlo, ++n;
+    }
+  }
 }
 
 // Reduction index kk = ((kd * k + kh) * k + kw) * Cs + c, kept as its parts.
@@ -391,11 +406,12 @@ __global__ void weight_grad(const Problem<T> P, const T* grad, int Cout, float* 
 // rows streamed through a 3-stage cp.async pipeline; row slices reduced with float32 atomics.
 constexpr int WG_CO = 64, WG_KK = 128, WG_R = 32, WG_LDG = WG_CO + 8, WG_LDX = WG_KK + 8;
 
-// `tap` is this thread's reduction index kk0 + (thread % 16) * 8, fixed for the block.
+// `tap` is this thread's reduction index kk0 + (thread % 16) * 8, fixed for the block; `xr`
+// the positions of its two gathered rows, advanced to the next stage on return.
 template <typename T>
 __device__ __forceinline__ void load_wgrad_stage(const Problem<T>& P, const T* grad, int Cout,
-                                                 const Tap& tap, T* Gs, T* Xs, int r0,
-                                                 int r_end, int co0) {
+                                                 const Tap& tap, RowPos* xr, T* Gs, T* Xs,
+                                                 int r0, int r_end, int co0) {
   const int t = threadIdx.x;
   {  // grad rows: 32 x 64 channels = 256 pieces of 16 bytes
     const int row = t / 8, piece = t % 8, m = r0 + row, co = co0 + piece * 8;
@@ -405,12 +421,9 @@ __device__ __forceinline__ void load_wgrad_stage(const Problem<T>& P, const T* g
 #pragma unroll
   for (int i = 0; i < 2; ++i) {  // gathered input rows: 32 x 128 taps = 512 pieces
     const int row = t / 16 + i * 16, piece = t % 16, m = r0 + row;
-    const T* src = nullptr;
-    if (m < r_end) {
-      int n, z, h, w;
-      decode(P, m, n, z, h, w);
-      src = gather<false>(P, n, z, h, w, tap);
-    }
+    RowPos& r = xr[i];
+    const T* src = m < r_end ? gather<false>(P, r.n, r.z, r.h, r.w, tap) : nullptr;
+    advance_row(P, r.n, r.z, r.h, r.w, WG_R);
     cp_async16(Xs + row * WG_LDX + piece * 8, src ? src : grad, src != nullptr);
   }
 }
@@ -432,12 +445,17 @@ __global__ void __launch_bounds__(THREADS) weight_grad_mma(const Problem<T> P, c
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   const Tap tap = tap_of(P, kk0 + (threadIdx.x % 16) * 8);
+  RowPos xr[2];
+  for (int i = 0; i < 2; ++i) {
+    const int m = min(r_begin + static_cast<int>(threadIdx.x) / 16 + i * 16, P.M - 1);
+    decode(P, m, xr[i].n, xr[i].z, xr[i].h, xr[i].w);  // rows past r_end are never read
+  }
   const int tiles = r_end > r_begin ? (r_end - r_begin + WG_R - 1) / WG_R : 0;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < tiles)
-      load_wgrad_stage(P, grad, Cout, tap, smem + st * STAGE, smem + st * STAGE + WG_R * WG_LDG,
-                       r_begin + st * WG_R, r_end, co0);
+      load_wgrad_stage(P, grad, Cout, tap, xr, smem + st * STAGE,
+                       smem + st * STAGE + WG_R * WG_LDG, r_begin + st * WG_R, r_end, co0);
     cp_async_commit();
   }
   for (int it = 0; it < tiles; ++it) {
@@ -446,8 +464,8 @@ __global__ void __launch_bounds__(THREADS) weight_grad_mma(const Problem<T> P, c
     const int next = it + STAGES - 1;
     if (next < tiles) {
       T* base = smem + (next % STAGES) * STAGE;
-      load_wgrad_stage(P, grad, Cout, tap, base, base + WG_R * WG_LDG, r_begin + next * WG_R,
-                       r_end, co0);
+      load_wgrad_stage(P, grad, Cout, tap, xr, base, base + WG_R * WG_LDG,
+                       r_begin + next * WG_R, r_end, co0);
     }
     cp_async_commit();
     const T* Gs = smem + (it % STAGES) * STAGE;
