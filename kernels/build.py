@@ -130,8 +130,6 @@ def build(verbose: bool = False) -> Built:
     existing = read_manifest(chain)
     if existing is not None:
         return existing
-    from torch.utils import cpp_extension
-
     folder = cache_dir(chain)
     folder.mkdir(parents=True, exist_ok=True)
     sources = _sources(chain)
@@ -143,7 +141,9 @@ def build(verbose: bool = False) -> Built:
         env["CUDA_HOME"] = chain.cuda_home
     started = time.perf_counter()
     with _environ(env):
-        cpp_extension.CUDA_HOME = chain.cuda_home  # read at import; follow our choice
+        from torch.utils import cpp_extension  # reads CUDA_HOME at import: ours
+
+        cpp_extension.CUDA_HOME = chain.cuda_home  # also when imported earlier
         library = cpp_extension.load(
             name=f"fedmri_kernels_{'cuda' if chain.cuda else 'cpu'}",
             sources=[str(s) for s in sources],
