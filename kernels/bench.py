@@ -51,14 +51,18 @@ def time_gpu(fn: Callable[[], object], groups: int = 7, inner: int = 5) -> float
     return statistics.median(per_call)
 
 
-def time_cpu(fn: Callable[[], object], reps: int = 9) -> float:
-    fn()
-    times = []
+def time_cpu_pair(a: Callable[[], object], b: Callable[[], object],
+                  reps: int = 9) -> tuple[float, float]:
+    """Median milliseconds of a and of b, called alternately so that both see the same
+    allocator and cache state (fresh large allocations page-fault, and that state drifts)."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, out in ((a, times[0]), (b, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,15 +198,14 @@ def cpu_layer(shape: tuple[int, ...], wshape: tuple[int, ...], stride: int,
     pad = [wshape[2] // 2] * 3
     gy = torch.randn_like(F.conv3d(x, w, b, stride=stride, padding=pad))
     ops = torch.ops.fedmri
-    return {
-        "aten_forward_ms": time_cpu(lambda: F.conv3d(x, w, b, stride=stride, padding=pad)),
-        "ours_forward_ms": time_cpu(lambda: conv3d(x, w, b, stride=stride)),
-        "aten_backward_ms": time_cpu(
-            lambda: _aten_backward(gy, x, w, stride, pad, [True, True, True])),
-        "ours_backward_ms": time_cpu(
-            lambda: (ops.conv3d_backward_input(gy, x, w, None, None, stride),
-                     ops.conv3d_backward_weight(gy, x, w, None, None, stride))),
-    }
+    forward = time_cpu_pair(lambda: F.conv3d(x, w, b, stride=stride, padding=pad),
+                            lambda: conv3d(x, w, b, stride=stride))
+    backward = time_cpu_pair(
+        lambda: _aten_backward(gy, x, w, stride, pad, [True, True, True]),
+        lambda: (ops.conv3d_backward_input(gy, x, w, None, None, stride),
+                 ops.conv3d_backward_weight(gy, x, w, None, None, stride)))
+    return {"aten_forward_ms": forward[0], "ours_forward_ms": forward[1],
+            "aten_backward_ms": backward[0], "ours_backward_ms": backward[1]}
 
 
 def cpu_network(size: int, batch: int) -> dict[str, Any]:
@@ -221,19 +224,18 @@ def cpu_train_step(batch: int) -> dict[str, float]:
 
     cfg = RunConfig()
     x = torch.randn(batch, 1, cfg.size, cfg.size, cfg.size)
-    result: dict[str, float] = {}
-    for backend in ("aten", "fedmri"):
+    def stepper(backend: str) -> Callable[[], None]:
         model = build_model(RunConfig(conv_backend=backend))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+        def step() -> None:
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
+        return step
 
-        result[f"{backend}_ms"] = time_cpu(step)
-    result["speedup"] = result["aten_ms"] / result["fedmri_ms"]
-    return result
+    aten, ours = time_cpu_pair(stepper("aten"), stepper("fedmri"))
+    return {"aten_ms": aten, "fedmri_ms": ours, "speedup": aten / ours}
 
 
 def run_cpu(sizes: list[int]) -> dict[str, Any]:

@@ -204,3 +204,14 @@ def test_kernels_info_json_names_backends_and_reasons() -> None:
     assert set(cuda) >= {"compiled", "archs", "reason"}
     if torch.version.cuda is None:  # a CPU torch: no CUDA backend, and it says why
         assert cuda["compiled"] is False and "CPU build" in cuda["reason"]
+
+
+def test_inference_path_equals_autograd_path() -> None:
+    """Without gradients the op skips its Python autograd kernel; the result is the same."""
+    t = make_inputs(2, 3, 4, (5, 6, 7), 3, True, True, torch.float32)
+    y = _ours(t, 1, "relu")
+    assert y.requires_grad
+    with torch.no_grad():
+        y_inference = _ours(t, 1, "relu")
+    assert not y_inference.requires_grad
+    torch.testing.assert_close(y_inference, y.detach(), rtol=0, atol=0)
