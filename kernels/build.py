@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -178,7 +177,3 @@ class _environ:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def clean() -> None:
-    shutil.rmtree(cache_dir(toolchain()), ignore_errors=True)

@@ -36,3 +36,10 @@ def make_inputs(n: int, c: int, cout: int, dhw: tuple[int, int, int], k: int, ha
             "b": rnd(cout) if bias else None,
             "lo": rnd(n, c, p, h, w) if halo_lo else None,
             "hi": rnd(n, c, p, h, w) if halo_hi else None}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64 on the CPU; a halo the stride never reads has an
+    all-zero gradient, so a zero reference counts as norm 1e-12."""
+    err = float((a.detach().double().cpu() - ref.detach().double().cpu()).norm())
+    return err / max(float(ref.detach().double().norm()), 1e-12)

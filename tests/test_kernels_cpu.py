@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernels_reference import make_inputs, reference
+from kernels_reference import make_inputs, reference, rel_err
 
 from fedmri.kernels import conv3d, load, use_fedmri_conv
 
@@ -64,18 +64,13 @@ def test_low_precision_within_bound(case, dtype) -> None:  # type: ignore[no-unt
     y, ref = _ours(t, stride, act), _ref(t64, stride, act)
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     assert y.dtype == dtype
-    assert _rel_err(y, ref) < bound
+    assert rel_err(y, ref) < bound
     gy = torch.randn(ref.shape, dtype=torch.float64)
     ours, theirs = _grads(y, t, gy.to(dtype)), _grads(ref, t64, gy)
     for name, g in theirs.items():
         assert ours[name].dtype == dtype
-        assert _rel_err(ours[name], g) < 4 * bound, name
+        assert rel_err(ours[name], g) < 4 * bound, name
 
-
-def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref||; a halo the stride never reads has an all-zero gradient."""
-    err = float((a.detach().double() - ref.detach()).norm())
-    return err / max(float(ref.detach().norm()), 1e-12)
 
 
 def test_halos_are_used_not_zero_padding() -> None:

@@ -51,7 +51,7 @@ inline void valid_range(const Geometry& g, int64_t kw, int64_t* first, int64_t* 
 }
 
 // Row r = (c, kd, kh, kw) of the column matrix, for output planes [d0, d1).
-template <typename T, typename Visit>
+template <typename Visit>
 void for_each_tap(const Geometry& g, int64_t r, int64_t d0, int64_t d1, Visit visit) {
   const int64_t k3 = g.k * g.k * g.k;
   const int64_t c = r / k3, kd = r / (g.k * g.k) % g.k, kh = r / g.k % g.k, kw = r % g.k;
@@ -72,7 +72,7 @@ void im2col(const Geometry& g, const Planes<const T*>& in, int64_t d0, int64_t d
   at::parallel_for(0, g.C * g.k * g.k * g.k, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* out = col + r * P;
-      for_each_tap<T>(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
+      for_each_tap(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
                                          int64_t last, int64_t kw, int64_t o) {
         T* dst = out + o;
         const T* plane = in.plane(c, z);
@@ -102,7 +102,7 @@ void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Plane
   at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t r = c0 * k3; r < c1 * k3; ++r) {
       const T* src = col + r * P;
-      for_each_tap<T>(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
+      for_each_tap(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
                                          int64_t last, int64_t kw, int64_t o) {
         T* plane = out.plane(c, z);
         if (!plane || ih < 0) return;
@@ -112,6 +112,20 @@ void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Plane
       });
     }
   });
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// im2col of sample n's output planes [d0, d1), reading x and its halos in place.
+template <typename T>
+void im2col_sample(const Geometry& g, const at::Tensor& x, const std::optional<at::Tensor>& lo,
+                   const std::optional<at::Tensor>& hi, int64_t n, int64_t d0, int64_t d1,
+                   const at::Tensor& col) {
+  im2col<T>(g, sample<const T*>(g, n, data_or_null<T>(lo), x.data_ptr<T>(), data_or_null<T>(hi)),
+            d0, d1, col.data_ptr<T>());
 }
 
 at::ScalarType compute_type(const at::Tensor& x) {
@@ -125,11 +139,6 @@ at::Tensor prepared(const at::Tensor& t, at::ScalarType type) {
 std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t, at::ScalarType type) {
   if (!t.has_value()) return std::nullopt;
   return prepared(*t, type);
-}
-
-template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
 // Output planes per chunk so that one im2col buffer stays within kChunkBytes.
@@ -231,9 +240,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   const at::Tensor col = column_buffer(g, type);
   AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_forward_cpu", [&] {
     for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
-      im2col<scalar_t>(g, sample<const scalar_t*>(g, n, data_or_null<scalar_t>(lo), x.data_ptr<scalar_t>(),
-                                 data_or_null<scalar_t>(hi)),
-                       d0, d1, c.data_ptr<scalar_t>());
+      im2col_sample<scalar_t>(g, x, lo, hi, n, d0, d1, c);
       at::Tensor out = block(y, g, n, d0, d1);
       if (bias.has_value()) {
         at::addmm_out(out, bias->view({g.Cout, 1}), w, c);
@@ -321,9 +328,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(
   const at::Tensor col = column_buffer(g, type);
   AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_backward_weight_cpu", [&] {
     for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
-      im2col<scalar_t>(g, sample<const scalar_t*>(g, n, data_or_null<scalar_t>(lo), x.data_ptr<scalar_t>(),
-                                 data_or_null<scalar_t>(hi)),
-                       d0, d1, c.data_ptr<scalar_t>());
+      im2col_sample<scalar_t>(g, x, lo, hi, n, d0, d1, c);
       gw.addmm_(block(grad, g, n, d0, d1), c.t());
     });
   });

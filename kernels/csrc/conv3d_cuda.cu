@@ -539,6 +539,24 @@ at::Tensor cl_or_empty(const std::optional<at::Tensor>& t, const at::Tensor& lik
   return t.has_value() ? channels_last(*t, channels) : at::empty({0}, like.options());
 }
 
+// The gathered input of forward and weight gradient: x and its halos, channels-last, channels
+// padded to `C` lanes.
+struct PaddedInput {
+  int64_t C;
+  at::Tensor x, lo, hi;
+  template <typename T>
+  Slab<const T> as_slab(const Geometry& g) const {
+    return slab<const T>(ptr<T>(lo), ptr<T>(x), ptr<T>(hi), g.lo, g.D, g.hi, g.H, g.W, C);
+  }
+};
+
+PaddedInput padded_input(const Geometry& g, const at::Tensor& x_in,
+                         const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& hi) {
+  const int64_t C = lanes(g.C, x_in);
+  const at::Tensor x = channels_last(x_in, C);
+  return {C, x, cl_or_empty(lo, x, C), cl_or_empty(hi, x, C)};
+}
+
 // Weight permuted to `order` with its last dimension zero-padded to `last`.
 at::Tensor packed(const at::Tensor& w, at::IntArrayRef order, int64_t last) {
   const at::Tensor p = w.permute(order).contiguous();
@@ -590,17 +608,16 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                         int64_t activation, double slope) {
   const Geometry g = describe(x_in, w_in, b_in, lo_in, hi_in, stride);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t C = lanes(g.C, x_in);
-  const at::Tensor x = channels_last(x_in, C);
-  const at::Tensor lo = cl_or_empty(lo_in, x, C), hi = cl_or_empty(hi_in, x, C);
+  const PaddedInput in = padded_input(g, x_in, lo_in, hi_in);
+  const int64_t C = in.C;
   const at::Tensor wp = packed(w_in, {0, 2, 3, 4, 1}, C);  // [Cout][kd][kh][kw][C]
-  const at::Tensor bias = b_in.has_value() ? b_in->contiguous() : at::empty({0}, x.options());
+  const at::Tensor bias = b_in.has_value() ? b_in->contiguous() : at::empty({0}, in.x.options());
   at::Tensor y = at::empty({g.N, g.Cout, g.Do, g.Ho, g.Wo},
-                           x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
-  dispatch(x.scalar_type(), [&](auto tag) {
+                           in.x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  dispatch(in.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     Problem<T> P{};
-    P.src = slab<const T>(ptr<T>(lo), ptr<T>(x), ptr<T>(hi), g.lo, g.D, g.hi, g.H, g.W, C);
+    P.src = in.as_slab<T>(g);
     P.dst = slab<T>(nullptr, ptr<T>(y), nullptr, 0, g.Do, 0, g.Ho, g.Wo, g.Cout);
     P.weight = ptr<T>(wp);
     P.bias = ptr<T>(bias);
@@ -647,16 +664,15 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(
     int64_t stride) {
   const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t C = lanes(g.C, x_in), Cout = lanes(g.Cout, x_in);
-  const at::Tensor x = channels_last(x_in, C);
-  const at::Tensor lo = cl_or_empty(lo_in, x, C), hi = cl_or_empty(hi_in, x, C);
+  const PaddedInput in = padded_input(g, x_in, lo_in, hi_in);
+  const int64_t C = in.C, Cout = lanes(g.Cout, x_in);
   const at::Tensor grad = channels_last(grad_in, Cout);
   const int K = g.k * g.k * g.k * C;
-  at::Tensor acc = at::zeros({Cout, K}, x.options().dtype(at::kFloat));
-  dispatch(x.scalar_type(), [&](auto tag) {
+  at::Tensor acc = at::zeros({Cout, K}, in.x.options().dtype(at::kFloat));
+  dispatch(in.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     Problem<T> P{};
-    P.src = slab<const T>(ptr<T>(lo), ptr<T>(x), ptr<T>(hi), g.lo, g.D, g.hi, g.H, g.W, C);
+    P.src = in.as_slab<T>(g);
     P.dst = slab<T>(nullptr, nullptr, nullptr, 0, g.Do, 0, g.Ho, g.Wo, Cout);  // row decode
     P.M = g.N * g.Do * g.Ho * g.Wo, P.cols = Cout, P.K = K;
     P.k = g.k, P.s = g.s, P.p = g.p;
