@@ -22,7 +22,8 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("registration.cpp", "conv3d_cpu.cpp")
 CUDA_SOURCES = ("conv3d_cuda.cu",)
 # Compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper.
-DEFAULT_ARCHS = "8.0;9.0"
+# Hopper is built as sm_90a (arch-specific: wgmma); a plain "9.0" gets the WMMA kernels only.
+DEFAULT_ARCHS = "8.0;9.0a"
 
 
 @dataclass
@@ -67,8 +68,12 @@ def toolchain() -> Toolchain:
                                        "(the one holding bin/nvcc and lib64/libcudart.so)")
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not archs:
-        archs = ";".join(f"{a}.{b}" for a, b in _visible_archs()) or DEFAULT_ARCHS
+        archs = ";".join(_arch_name(a, b) for a, b in _visible_archs()) or DEFAULT_ARCHS
     return Toolchain(True, home, [a for a in archs.replace(" ", ";").split(";") if a])
+
+
+def _arch_name(major: int, minor: int) -> str:
+    return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
 def _visible_archs() -> list[tuple[int, int]]:
@@ -91,7 +96,8 @@ def _sources(chain: Toolchain) -> list[Path]:
 
 def _fingerprint(sources: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(sources + [CSRC / "conv3d.h"]):
+    headers = [*CSRC.glob("*.h"), *CSRC.glob("*.cuh")]
+    for path in sorted(sources + headers):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -147,7 +153,8 @@ def build(verbose: bool = False) -> Built:
             name=f"fedmri_kernels_{'cuda' if chain.cuda else 'cpu'}",
             sources=[str(s) for s in sources],
             extra_cflags=["-O3", "-fopenmp"],
-            extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *_pip_cuda_includes()],
+            extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *_sm90a_flag(chain),
+                               *_pip_cuda_includes()],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             with_cuda=chain.cuda,
@@ -162,6 +169,11 @@ def build(verbose: bool = False) -> Built:
     staged.write_text(json.dumps(asdict(built), indent=2))
     staged.replace(_manifest(folder))  # atomic: hospitals' processes may build at once
     return built
+
+
+def _sm90a_flag(chain: Toolchain) -> list[str]:
+    """The wgmma kernels are compiled in only when sm_90a code is built."""
+    return ["-DFEDMRI_SM90A"] if "9.0a" in chain.archs else []
 
 
 class _environ:

@@ -12,12 +12,17 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cstdlib>
+#include <string>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 #include <torch/library.h>
 
 #include "conv3d.h"
+#if defined(FEDMRI_SM90A)
+#include "wgmma.cuh"
+#endif
 
 namespace fedmri {
 namespace {
@@ -200,32 +205,82 @@ __device__ __forceinline__ void cp_async_wait() {
 struct RowPos {
   int n, z, h, w;
 };
-constexpr int ROWS_PER_THREAD = BM / (THREADS / CHUNKS);
+
+// Shared-memory tile layouts (offsets in elements of the 16-byte chunk `chunk` of row r):
+// WMMA reads rows padded to LDS elements; wgmma reads 128-byte-swizzled rows.
+struct PaddedRows {
+  static __device__ __forceinline__ int at(int r, int chunk) { return r * LDS + chunk * 8; }
+};
+#if defined(FEDMRI_SM90A)
+struct SwizzledRows {
+  static __device__ __forceinline__ int at(int r, int chunk) { return sm90::swizzled(r, chunk); }
+};
+#endif
+
+// The positions of the BM / (THREADS / CHUNKS) tile rows this thread gathers.
+template <typename T, int BM>
+__device__ __forceinline__ void tile_rows(const Problem<T>& P, int m0, RowPos* rows) {
+#pragma unroll
+  for (int i = 0; i < BM / (THREADS / CHUNKS); ++i) {
+    const int m = m0 + threadIdx.x / CHUNKS + i * (THREADS / CHUNKS);
+    rows[i].n = -1;
+    if (m < P.M) decode(P, m, rows[i].n, rows[i].z, rows[i].h, rows[i].w);
+  }
+}
 
 // One BM x BN x BK stage: A rows gathered from the source, B rows from the packed weights.
 // Source channels are a multiple of 8 (the host pads them), so 8 consecutive reduction
 // elements share one tap and each is one 16-byte cp.async, zero-filled at padding.
 // `tap` is this thread's reduction index k0 + chunk * 8, advanced to the next tile on return.
-template <typename T, bool TRANSPOSED, int BN>
+template <typename T, bool TRANSPOSED, int BM, int BN, typename Layout = PaddedRows>
 __device__ __forceinline__ void load_stage(const Problem<T>& P, const RowPos* rows, Tap& tap,
                                            T* As, T* Bs, int n0, int k0) {
   const int t = threadIdx.x;
   const int chunk = t % CHUNKS, kk = k0 + chunk * 8;
 #pragma unroll
-  for (int i = 0; i < ROWS_PER_THREAD; ++i) {
+  for (int i = 0; i < BM / (THREADS / CHUNKS); ++i) {
     const int r = t / CHUNKS + i * (THREADS / CHUNKS);
     const T* src = rows[i].n >= 0
                        ? gather<TRANSPOSED>(P, rows[i].n, rows[i].z, rows[i].h, rows[i].w, tap)
                        : nullptr;
-    cp_async16(As + r * LDS + chunk * 8, src ? src : P.weight, src != nullptr);
+    cp_async16(As + Layout::at(r, chunk), src ? src : P.weight, src != nullptr);
   }
   advance(P, tap, BK);
 #pragma unroll
   for (int r = t / CHUNKS; r < BN; r += THREADS / CHUNKS) {
     const int col = n0 + r;
     const bool ok = col < P.cols && kk < P.K;
-    cp_async16(Bs + r * LDS + chunk * 8, ok ? P.weight + (int64_t)col * P.K + kk : P.weight, ok);
+    cp_async16(Bs + Layout::at(r, chunk), ok ? P.weight + (int64_t)col * P.K + kk : P.weight,
+               ok);
   }
+}
+
+// Bias + activation (float32) on 8 consecutive channels of result row m, then one 16-byte
+// store where the channels allow.
+template <typename T>
+__device__ __forceinline__ void store8_at(const Problem<T>& P, T* out, int col, const float* x) {
+  alignas(16) T v[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const float b = P.bias && col + q < P.cols ? to_float(P.bias[col + q]) : 0.f;
+    v[q] = from_float<T>(activate(x[q] + b, P.act, P.slope));
+  }
+  constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte store
+  if (col + 8 <= P.cols && P.cols % VEC == 0) {
+#pragma unroll
+    for (int q = 0; q < 8; q += VEC)
+      *reinterpret_cast<uint4*>(out + col + q) = *reinterpret_cast<const uint4*>(v + q);
+  } else {
+    for (int q = 0; q < 8 && col + q < P.cols; ++q) out[col + q] = v[q];
+  }
+}
+
+// The same for result row m.
+template <typename T>
+__device__ __forceinline__ void store8(const Problem<T>& P, int m, int col, const float* x) {
+  int n, z, h, w;
+  decode(P, m, n, z, h, w);
+  store8_at(P, P.dst.at(n, z, h, w), col, x);
 }
 
 // 8 warps as 4 (rows) x 2 (columns); each warp owns 32 x (WN*16) of the tile.
@@ -245,18 +300,13 @@ __global__ void __launch_bounds__(THREADS, 2) igemm_mma(const Problem<T> P) {
 #pragma unroll
     for (int j = 0; j < WN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-  RowPos rows[ROWS_PER_THREAD];
-#pragma unroll
-  for (int i = 0; i < ROWS_PER_THREAD; ++i) {
-    const int m = m0 + threadIdx.x / CHUNKS + i * (THREADS / CHUNKS);
-    rows[i].n = -1;
-    if (m < P.M) decode(P, m, rows[i].n, rows[i].z, rows[i].h, rows[i].w);
-  }
+  RowPos rows[BM / (THREADS / CHUNKS)];
+  tile_rows<T, BM>(P, m0, rows);
   Tap tap = tap_of(P, (threadIdx.x % CHUNKS) * 8);
   const int tiles = (P.K + BK - 1) / BK;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < tiles) load_stage<T, TRANSPOSED, BN>(P, rows, tap, A(st), B(st), n0, st * BK);
+    if (st < tiles) load_stage<T, TRANSPOSED, BM, BN>(P, rows, tap, A(st), B(st), n0, st * BK);
     cp_async_commit();
   }
   for (int kt = 0; kt < tiles; ++kt) {
@@ -264,7 +314,7 @@ __global__ void __launch_bounds__(THREADS, 2) igemm_mma(const Problem<T> P) {
     __syncthreads();  // stage kt is complete and stage kt-1 is no longer being read
     const int next = kt + STAGES - 1;
     if (next < tiles) {
-      load_stage<T, TRANSPOSED, BN>(P, rows, tap, A(next % STAGES), B(next % STAGES), n0,
+      load_stage<T, TRANSPOSED, BM, BN>(P, rows, tap, A(next % STAGES), B(next % STAGES), n0,
                                     next * BK);
     }
     cp_async_commit();
@@ -300,32 +350,253 @@ __global__ void __launch_bounds__(THREADS, 2) igemm_mma(const Problem<T> P) {
       wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
       __syncwarp();
       const int m = m0 + wm * 32 + i * 16 + row;
-      const int col = n0 + wn * WN * 16 + j * 16 + half8;
-      if (m < P.M) {
-        int n, z, h, w;
-        decode(P, m, n, z, h, w);
-        T* out = P.dst.at(n, z, h, w);
-        if (col + 8 <= P.cols && P.cols % 8 == 0) {
-          alignas(16) T v[8];
-#pragma unroll
-          for (int q = 0; q < 8; ++q) {
-            float x = scratch[row * 16 + half8 + q];
-            if (P.bias) x += to_float(P.bias[col + q]);
-            v[q] = from_float<T>(activate(x, P.act, P.slope));
-          }
-          *reinterpret_cast<uint4*>(out + col) = *reinterpret_cast<const uint4*>(v);
-        } else {
-          for (int q = 0; q < 8 && col + q < P.cols; ++q) {
-            float x = scratch[row * 16 + half8 + q];
-            if (P.bias) x += to_float(P.bias[col + q]);
-            out[col + q] = from_float<T>(activate(x, P.act, P.slope));
-          }
-        }
-      }
+      if (m < P.M) store8(P, m, n0 + wn * WN * 16 + j * 16 + half8, scratch + row * 16 + half8);
       __syncwarp();
     }
   }
 }
+
+#if defined(FEDMRI_SM90A)
+// ---------------------------------------------------------------- Hopper tensor cores (wgmma)
+
+// Built when the extension is compiled for sm_90a. Two warpgroups; warpgroup g multiplies rows
+// [g * 64 * MI, (g + 1) * 64 * MI) of the BM = 128 * MI row tile by the BN-wide column tile,
+// both operands read by wgmma straight from 128-byte-swizzled shared memory (no register
+// fragments). The cp.async gather is the WMMA kernel's; a stage is refilled two iterations
+// after it was multiplied, so one multiply stays in flight while the next one is issued.
+// Epilogue of the wgmma kernels: accumulators -> float32 tile in shared memory -> bias,
+// activation and 16-byte stores of 8 channels per thread. `row_out(r)` is where tile row r's
+// channels go (nullptr: nowhere). wgmma layout: warp w of a warpgroup holds rows
+// 16 w + lane / 4 (+ 8) of its 64, and of each 8-column block the columns 2 (lane % 4) (+ 1).
+template <typename T, int BN, int MI, typename RowOut>
+__device__ __forceinline__ void wgmma_epilogue(const Problem<T>& P, float (&acc)[MI][BN / 2],
+                                               float* tile, int n0, RowOut row_out) {
+  constexpr int BM = 128 * MI, LDE = BN + 8;  // LDE: conflict-free float2 writes
+  const int group = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = (group * MI + i) * 64 + warp * 16 + lane / 4 + half * 8;
+        const int c = j * 8 + (lane % 4) * 2;
+        *reinterpret_cast<float2*>(tile + r * LDE + c) =
+            make_float2(acc[i][j * 4 + half * 2], acc[i][j * 4 + half * 2 + 1]);
+      }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < BM * BN / 8; idx += THREADS) {
+    const int r = idx / (BN / 8), c = idx % (BN / 8) * 8;
+    T* out = n0 + c < P.cols ? row_out(r) : nullptr;
+    if (out) store8_at(P, out, n0 + c, tile + r * LDE + c);
+  }
+}
+
+template <int BN, int MI, int STAGES_>
+struct WgmmaTile {
+  static constexpr int BM = 128 * MI, STAGES = STAGES_;
+  static constexpr int STAGE = (BM + BN) * BK;  // elements of A and B per stage
+  static constexpr int SMEM = STAGES * STAGE * 2 + 1024;  // + room to align to 1024 bytes
+  static_assert(BM * (BN + 8) * 4 <= STAGES * STAGE * 2, "epilogue tile must fit the stages");
+};
+
+template <typename T, int BN, int MI, int STAGES>
+__global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tile = WgmmaTile<BN, MI, STAGES>;
+  constexpr int BM = Tile::BM;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* base = smem_raw + ((1024 - raw % 1024) % 1024);  // swizzle atoms: 1024 B
+  T* smem = reinterpret_cast<T*>(base);
+  const uint32_t smem_addr = static_cast<uint32_t>(__cvta_generic_to_shared(base));
+  auto A = [&](int stage) { return smem + stage * Tile::STAGE; };
+  auto B = [&](int stage) { return A(stage) + BM * BK; };
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int group = threadIdx.x / 128;
+
+  float acc[MI][BN / 2];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.f;
+
+  RowPos rows[BM / (THREADS / CHUNKS)];
+  tile_rows<T, BM>(P, m0, rows);
+  Tap tap = tap_of(P, (threadIdx.x % CHUNKS) * 8);
+  const int tiles = (P.K + BK - 1) / BK;
+#pragma unroll
+  for (int st = 0; st < STAGES - 2; ++st) {
+    if (st < tiles)
+      load_stage<T, false, BM, BN, SwizzledRows>(P, rows, tap, A(st), B(st), n0, st * BK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<STAGES - 3>();
+    sm90::fence_proxy();
+    __syncthreads();  // stage kt has landed; every warpgroup is done with stage kt - 2
+    const int slot = kt % STAGES;
+    const uint32_t a_addr = smem_addr + (slot * Tile::STAGE + group * MI * 64 * BK) * 2;
+    const uint32_t b_addr = smem_addr + (slot * Tile::STAGE + BM * BK) * 2;
+    sm90::fence();
+#pragma unroll
+    for (int k = 0; k < BK / 16; ++k)  // 16 reduction elements = 32 bytes along the row
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+        sm90::mma<BN, T>(acc[i], sm90::descriptor(a_addr + i * 64 * BK * 2 + k * 32),
+                         sm90::descriptor(b_addr + k * 32));
+    sm90::commit();
+    const int next = kt + STAGES - 2;
+    if (next < tiles)
+      load_stage<T, false, BM, BN, SwizzledRows>(P, rows, tap, A(next % STAGES),
+                                                 B(next % STAGES), n0, next * BK);
+    cp_async_commit();
+    sm90::wait<1>();  // the multiply of stage kt - 1 is done (this warpgroup)
+  }
+  sm90::wait<0>();
+#pragma unroll
+  for (int i = 0; i < MI; ++i) sm90::hold<BN / 2>(acc[i]);
+  cp_async_wait<0>();
+  __syncthreads();
+
+  wgmma_epilogue<T, BN, MI>(P, acc, reinterpret_cast<float*>(base), n0, [&](int r) -> T* {
+    const int m = m0 + r;
+    if (m >= P.M) return nullptr;
+    int n, z, h, w;
+    decode(P, m, n, z, h, w);
+    return P.dst.at(n, z, h, w);
+  });
+#else
+  __trap();  // launched only on devices of compute capability 9.0 (sm_90a code)
+#endif
+}
+
+// Forward for k = 3, stride 1 (every U-Net convolution but the downsampling ones). Rows are
+// the result positions of the width-padded volume (W + 2 per image row; the two pad columns
+// are computed and dropped), so for one (kd, kh) the three kw taps of BM consecutive rows
+// read BM + 2 consecutive source rows, shifted by 0, 1 and 2. A stage gathers that strip once
+// for BK channels (a third of the generic kernel's gather work and traffic) with the three
+// taps' weights, and wgmma reads the strip at three row offsets. No swizzle: operands are
+// stored as planes of 16-byte rows (8 channels), each plane an odd multiple of 16 bytes long
+// so that the 8 planes of a row land in different banks.
+template <int BN, int BK>
+struct StripTile {
+  static constexpr int MI = 2, BM = 256, CH = BK / 8;
+  static constexpr int PA = BM + 9, PB = BN + 1;  // rows per plane of A (strip) and B
+  static constexpr int A = CH * PA * 8, B = 3 * CH * PB * 8, STAGE = A + B;  // elements
+  // As many stages as fit, at most 4 for 32 columns and 6 for 64 (the faster of 4 and 6 on
+  // an H200 for each).
+  static constexpr int FIT = (226 * 1024) / (STAGE * 2), CAP = BN == 32 ? 4 : 6;
+  static constexpr int STAGES = FIT < CAP ? FIT : CAP;
+  static constexpr int SMEM = STAGES * STAGE * 2;
+  static_assert(STAGES >= 3, "three stages must fit");
+  static_assert(BM * (BN + 8) * 4 <= SMEM, "epilogue tile must fit the stages");
+};
+
+template <typename T, int BN, int BK>
+__global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, int Mpad, bool swap) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tile = StripTile<BN, BK>;
+  constexpr int BM = Tile::BM, MI = Tile::MI, CH = Tile::CH, STAGES = Tile::STAGES;
+  constexpr int A_PIECES = (BM + 2) * CH, A_ITERS = (A_PIECES + THREADS - 1) / THREADS;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const uint32_t smem_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const int q0 = blockIdx.x * BM, n0 = blockIdx.y * BN, group = threadIdx.x / 128;
+  const int Wp = P.dst.W + 2, H = P.dst.H, Do = P.dst.D;
+
+  // Padded row q -> (n, z, h, w) of the result, w in [-1, W] (-1 and W: pad columns).
+  auto unpad = [&](int q, RowPos& r) {
+    r.w = q % Wp - 1;
+    q /= Wp;
+    r.h = q % H;
+    q /= H;
+    r.z = q % Do;
+    r.n = q / Do;
+  };
+  // The strip rows this thread gathers: strip row j = piece / CH is padded row q0 - 1 + j.
+  RowPos rows[A_ITERS];
+#pragma unroll
+  for (int i = 0; i < A_ITERS; ++i) {
+    const int piece = threadIdx.x + i * THREADS, q = q0 - 1 + piece / CH;
+    rows[i].n = -1;
+    if (piece < A_PIECES && q >= 0 && q < Mpad) unpad(q, rows[i]);
+  }
+  const int cblocks = P.src.C / BK, steps = 9 * cblocks;
+  auto load = [&](int step, int slot) {
+    const int kdh = step / cblocks, c0 = step % cblocks * BK, kd = kdh / 3, kh = kdh % 3;
+    T* As = smem + slot * Tile::STAGE;
+    T* Bs = As + Tile::A;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      const int piece = threadIdx.x + i * THREADS, j = piece / CH, c = piece % CH;
+      if (piece >= A_PIECES) break;
+      const RowPos& r = rows[i];
+      const int zi = r.z + kd - 1, hi = r.h + kh - 1;
+      const bool ok = r.n >= 0 && P.src.holds(zi, hi, r.w);
+      cp_async16(As + (c * Tile::PA + j) * 8, ok ? P.src.at(r.n, zi, hi, r.w) + c0 + c * 8 : P.weight,
+                 ok);
+    }
+    const T* wbase = P.weight + (int64_t)kdh * 3 * P.src.C + c0;
+    for (int piece = threadIdx.x; piece < 3 * BN * CH; piece += THREADS) {
+      const int kw = piece / (BN * CH), r = piece / CH % BN, c = piece % CH, col = n0 + r;
+      const bool ok = col < P.cols;
+      cp_async16(Bs + ((kw * CH + c) * Tile::PB + r) * 8,
+                 ok ? wbase + (int64_t)col * P.K + kw * P.src.C + c * 8 : P.weight, ok);
+    }
+  };
+
+  float acc[MI][BN / 2];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.f;
+#pragma unroll
+  for (int st = 0; st < STAGES - 2; ++st) {
+    if (st < steps) load(st, st);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<STAGES - 3>();
+    sm90::fence_proxy();
+    __syncthreads();  // this stage has landed; every warpgroup is done with step - 2
+    const uint32_t a = smem_addr + (step % STAGES) * Tile::STAGE * 2, b = a + Tile::A * 2;
+    sm90::fence();
+#pragma unroll
+    for (int kw = 0; kw < 3; ++kw)
+#pragma unroll
+      for (int k = 0; k < BK / 16; ++k)
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+          const int row = (group * MI + i) * 64 + kw;
+          sm90::mma<BN, T>(
+              acc[i],
+              sm90::descriptor_plain(a + (2 * k * Tile::PA + row) * 16, Tile::PA * 16, swap),
+              sm90::descriptor_plain(b + (kw * CH + 2 * k) * Tile::PB * 16, Tile::PB * 16, swap));
+        }
+    sm90::commit();
+    const int next = step + STAGES - 2;
+    if (next < steps) load(next, next % STAGES);
+    cp_async_commit();
+    sm90::wait<1>();
+  }
+  sm90::wait<0>();
+#pragma unroll
+  for (int i = 0; i < MI; ++i) sm90::hold<BN / 2>(acc[i]);
+  cp_async_wait<0>();
+  __syncthreads();
+  wgmma_epilogue<T, BN, MI>(P, acc, reinterpret_cast<float*>(smem_raw), n0, [&](int r) -> T* {
+    const int q = q0 + r;
+    if (q >= Mpad) return nullptr;
+    RowPos p;
+    unpad(q, p);
+    return p.w >= 0 && p.w < P.dst.W ? P.dst.at(p.n, p.z, p.h, p.w) : nullptr;
+  });
+#else
+  __trap();  // launched only on devices of compute capability 9.0 (sm_90a code)
+#endif
+}
+#endif  // FEDMRI_SM90A
 
 // ---------------------------------------------------------------- float32 (SIMT)
 
@@ -346,6 +617,61 @@ __global__ void igemm_simt(const Problem<float> P) {
     for (int c = 0; c < P.src.C; ++c) acc += base[c] * wrow[kk0 + c];
   }
   store(P, m, col, acc);
+}
+
+// ---------------------------------------------------------------- few input channels
+
+// Forward of layers with at most 4 input channels (the network's first layer). A GEMM would
+// pad every tap to 8 channels and waste most of its work, so here each thread convolves one
+// result position for 32 output channels directly (the chunk's weights in shared memory,
+// float32 accumulation); neighbouring threads share the source values through the cache.
+constexpr int FEW_CIN = 4, FEW_COUT = 32;
+
+template <typename T, bool NCDHW>
+__global__ void __launch_bounds__(256) direct_few(const Problem<T> P) {
+  __shared__ __align__(16) float ws[27 * FEW_CIN * FEW_COUT];  // [tap][c][co]
+  const int co0 = blockIdx.y * FEW_COUT, C = P.src.C;
+  for (int i = threadIdx.x; i < P.K * FEW_COUT; i += blockDim.x) {
+    const int co = co0 + i % FEW_COUT, kk = i / FEW_COUT;  // kk = tap * C + c
+    ws[i] = co < P.cols ? to_float(P.weight[(int64_t)co * P.K + kk]) : 0.f;
+  }
+  __syncthreads();
+  const int m = blockIdx.x * blockDim.x + threadIdx.x;
+  if (m >= P.M) return;
+  int n, z, h, w;
+  decode(P, m, n, z, h, w);
+  float acc[FEW_COUT] = {};
+  const float4* wv = reinterpret_cast<const float4*>(ws);
+  for (int kd = 0; kd < P.k; ++kd)
+    for (int kh = 0; kh < P.k; ++kh)
+      for (int kw = 0; kw < P.k; ++kw, wv += C * FEW_COUT / 4) {
+        const T* src = gather<false>(P, n, z, h, w, Tap{kd, kh, kw, 0});
+        if (!src) continue;
+        for (int c = 0; c < C; ++c) {
+          const float v = to_float(src[c]);
+#pragma unroll
+          for (int q = 0; q < FEW_COUT / 4; ++q) {
+            const float4 w4 = wv[c * FEW_COUT / 4 + q];
+            acc[4 * q] += v * w4.x, acc[4 * q + 1] += v * w4.y;
+            acc[4 * q + 2] += v * w4.z, acc[4 * q + 3] += v * w4.w;
+          }
+        }
+      }
+  if (!NCDHW) {
+#pragma unroll
+    for (int q = 0; q < FEW_COUT; q += 8)
+      if (co0 + q < P.cols) store8(P, m, co0 + q, acc + q);
+    return;
+  }
+  // (N, C, D, H, W) result written in place: a warp's stores of one channel are contiguous.
+  const int64_t volume = (int64_t)P.dst.D * P.dst.H * P.dst.W;
+  T* out = P.dst.mid + ((int64_t)n * P.cols + co0) * volume + ((int64_t)z * P.dst.H + h) * P.dst.W + w;
+#pragma unroll
+  for (int q = 0; q < FEW_COUT; ++q)
+    if (co0 + q < P.cols) {
+      const float b = P.bias ? to_float(P.bias[co0 + q]) : 0.f;
+      out[q * volume] = from_float<T>(activate(acc[q] + b, P.act, P.slope));
+    }
 }
 
 // ---------------------------------------------------------------- weight gradient
@@ -504,6 +830,43 @@ __global__ void __launch_bounds__(THREADS) weight_grad_mma(const Problem<T> P, c
     }
 }
 
+// ---------------------------------------------------------------- layout conversion
+
+// (N, C, S) <-> (N, S, Cp), S = D * H * W, through 32 x 32 shared-memory tiles so that both
+// the reads and the writes are coalesced. To channels-last, channels C..Cp-1 are zero-filled
+// (the padding the tensor-core kernels need); back, the first C of Cp channels are kept.
+template <typename T, bool TO_CHANNELS_LAST>
+__global__ void transpose_layout(const T* in, T* out, int C, int Cp, int64_t S) {
+  __shared__ T tile[32][33];
+  const int64_t n = blockIdx.z, s0 = (int64_t)blockIdx.x * 32;
+  const int c0 = blockIdx.y * 32, tx = threadIdx.x, ty = threadIdx.y;
+#pragma unroll
+  for (int i = ty; i < 32; i += 8) {
+    if (TO_CHANNELS_LAST) {  // read along S, one channel per row
+      const int c = c0 + i;
+      const int64_t s = s0 + tx;
+      tile[i][tx] = c < C && s < S ? in[(n * C + c) * S + s] : from_float<T>(0.f);
+    } else {  // read along channels, one position per row
+      const int c = c0 + tx;
+      const int64_t s = s0 + i;
+      tile[i][tx] = c < C && s < S ? in[(n * S + s) * Cp + c] : from_float<T>(0.f);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = ty; i < 32; i += 8) {
+    if (TO_CHANNELS_LAST) {
+      const int c = c0 + tx;
+      const int64_t s = s0 + i;
+      if (c < Cp && s < S) out[(n * S + s) * Cp + c] = tile[tx][i];
+    } else {
+      const int c = c0 + i;
+      const int64_t s = s0 + tx;
+      if (c < C && s < S) out[(n * C + c) * S + s] = tile[tx][i];
+    }
+  }
+}
+
 // ---------------------------------------------------------------- host side
 
 template <typename T>
@@ -516,8 +879,58 @@ T* ptr(const at::Tensor& t) {
   return t.numel() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
+template <typename F>
+void dispatch(at::ScalarType type, F f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "fedmri.conv3d on CUDA supports float32, float16 and bfloat16, got ", type);
+  }
+}
+
+// Our transpose for a (N, C, D, H, W) contiguous tensor: `to_cl` gives channels-last with
+// `channels` >= C lanes, else back to contiguous with `channels` <= C (ATen's strided copy
+// reaches a fraction of the memory bandwidth on these shapes).
+at::Tensor transposed(const at::Tensor& t, int64_t channels, bool to_cl) {
+  const int64_t N = t.size(0), D = t.size(2), H = t.size(3), W = t.size(4), S = D * H * W;
+  const int64_t C = to_cl ? t.size(1) : channels, Cp = to_cl ? channels : t.size(1);
+  at::Tensor out = at::empty({N, channels, D, H, W}, t.options().memory_format(
+      to_cl ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const dim3 grid((S + 31) / 32, ((to_cl ? Cp : C) + 31) / 32, N);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(t.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = reinterpret_cast<const T*>(t.data_ptr());
+    T* o = reinterpret_cast<T*>(out.data_ptr());
+    if (to_cl)
+      transpose_layout<T, true><<<grid, dim3(32, 8), 0, stream>>>(in, o, C, Cp, S);
+    else
+      transpose_layout<T, false><<<grid, dim3(32, 8), 0, stream>>>(in, o, C, Cp, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+bool strictly(const at::Tensor& t, at::MemoryFormat format) {
+  const at::MemoryFormat other = format == at::MemoryFormat::Contiguous
+                                     ? at::MemoryFormat::ChannelsLast3d
+                                     : at::MemoryFormat::Contiguous;
+  return t.dim() == 5 && t.is_contiguous(format) && !t.is_contiguous(other) &&
+         t.size(2) * t.size(3) * t.size(4) <= INT32_MAX;
+}
+
 at::Tensor channels_last(const at::Tensor& t) {
+  if (strictly(t, at::MemoryFormat::Contiguous)) return transposed(t, t.size(1), true);
   return t.contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// A channels-last result in `format`.
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::Contiguous && strictly(t, at::MemoryFormat::ChannelsLast3d))
+    return transposed(t, t.size(1), false);
+  return t.contiguous(format);
 }
 
 // The tensor-core kernels read source channels 8 at a time: fp16/bf16 operands are zero-padded
@@ -528,6 +941,8 @@ int64_t lanes(int64_t channels, const at::Tensor& t) {
 
 // Channels-last (N, C, D, H, W) with C zero-padded to `channels`.
 at::Tensor channels_last(const at::Tensor& t, int64_t channels) {
+  if (t.size(1) != channels && strictly(t, at::MemoryFormat::Contiguous))
+    return transposed(t, channels, true);
   const at::Tensor cl = channels_last(t);
   if (t.size(1) == channels) return cl;
   const at::Tensor ndhwc = cl.permute({0, 2, 3, 4, 1});
@@ -551,8 +966,8 @@ struct PaddedInput {
 };
 
 PaddedInput padded_input(const Geometry& g, const at::Tensor& x_in,
-                         const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& hi) {
-  const int64_t C = lanes(g.C, x_in);
+                         const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& hi,
+                         int64_t C) {
   const at::Tensor x = channels_last(x_in, C);
   return {C, x, cl_or_empty(lo, x, C), cl_or_empty(hi, x, C)};
 }
@@ -574,6 +989,74 @@ void launch_mma(const Problem<T>& P, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+#if defined(FEDMRI_SM90A)
+template <typename T, int BN, int MI, int STAGES>
+void launch_wgmma(const Problem<T>& P, cudaStream_t stream) {
+  using Tile = WgmmaTile<BN, MI, STAGES>;
+  auto kernel = igemm_wgmma<T, BN, MI, STAGES>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::SMEM));
+  const dim3 grid((P.M + Tile::BM - 1) / Tile::BM, (P.cols + BN - 1) / BN);
+  kernel<<<grid, THREADS, Tile::SMEM, stream>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int BN, int BK>
+void launch_strip(const Problem<T>& P, int Mpad, bool swap, cudaStream_t stream) {
+  using Tile = StripTile<BN, BK>;
+  auto kernel = strip_wgmma<T, BN, BK>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::SMEM));
+  const dim3 grid((Mpad + Tile::BM - 1) / Tile::BM, (P.cols + BN - 1) / BN);
+  kernel<<<grid, THREADS, Tile::SMEM, stream>>>(P, Mpad, swap);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which forward kernel: FEDMRI_CONV3D_KERNEL = wmma | wgmma | wgmma256 | strip | strip32
+// forces one (tests and tuning; one that cannot take the layer falls back); unset = auto.
+std::string forced_kernel() {
+  const char* knob = std::getenv("FEDMRI_CONV3D_KERNEL");
+  return knob ? knob : "";
+}
+
+// The Hopper (compute capability 9.0) forward kernels; false where none applies.
+template <typename T>
+bool run_sm90(const Problem<T>& P, cudaStream_t stream) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const std::string force = forced_kernel();
+  if (prop->major != 9 || prop->minor != 0 || force == "wmma") return false;
+  const int bn = P.cols <= 32 ? 32 : P.cols <= 64 ? 64 : 128;
+  // The strip kernel (k = 3, stride 1) for up to 64 result channels (for 128 its stages fit
+  // only 32 channels deep, and it measured slower than the generic kernel).
+  const bool strip_fits = P.k == 3 && P.s == 1 && P.src.C % 32 == 0;
+  const bool strip32 = force == "strip32";
+  if (strip_fits && (force == "strip" || strip32 || (force.empty() && P.cols <= 64))) {
+    const int Mpad = P.M / P.dst.W * (P.dst.W + 2);
+    const bool swap = std::getenv("FEDMRI_CONV3D_DESC_SWAP") != nullptr;  // diagnostics
+    // 64 channels a stage where they divide, except for 64 columns: there 32 channels with
+    // 6 stages measured faster than 64 with 3 (H200, 64->64 @64^3).
+    const bool wide = P.src.C % 64 == 0 && !strip32 && (P.cols <= 32 || force == "strip");
+    if (P.cols <= 32) wide ? launch_strip<T, 32, 64>(P, Mpad, swap, stream)
+                           : launch_strip<T, 32, 32>(P, Mpad, swap, stream);
+    else wide ? launch_strip<T, 64, 64>(P, Mpad, swap, stream)
+              : launch_strip<T, 64, 32>(P, Mpad, swap, stream);
+    return true;
+  }
+  // Generic wgmma: row tile 256 when that still gives every SM a tile, else 128.
+  const int64_t big_tiles = (P.M + 255) / 256 * ((P.cols + bn - 1) / bn);
+  const bool rows256 = force == "wgmma256" ||
+                       (force != "wgmma" && big_tiles >= prop->multiProcessorCount);
+  if (bn == 32) {
+    rows256 ? launch_wgmma<T, 32, 2, 5>(P, stream) : launch_wgmma<T, 32, 1, 6>(P, stream);
+  } else if (bn == 64) {
+    rows256 ? launch_wgmma<T, 64, 2, 5>(P, stream) : launch_wgmma<T, 64, 1, 6>(P, stream);
+  } else {
+    rows256 ? launch_wgmma<T, 128, 2, 4>(P, stream) : launch_wgmma<T, 128, 1, 6>(P, stream);
+  }
+  return true;
+}
+#endif
+
 template <typename T, bool TRANSPOSED>
 void run_igemm(const Problem<T>& P, cudaStream_t stream) {
   if (P.M == 0 || P.cols == 0) return;
@@ -584,6 +1067,9 @@ void run_igemm(const Problem<T>& P, cudaStream_t stream) {
   } else {
     // Column tile 32, 64 or 128 wide: the narrowest that holds the channels (or 128).
     TORCH_CHECK(P.src.C % 8 == 0, "fedmri.conv3d: internal: unpadded channels");
+#if defined(FEDMRI_SM90A)
+    if (!TRANSPOSED && run_sm90(P, stream)) return;
+#endif
     const int wn = P.cols <= 32 ? 1 : P.cols <= 64 ? 2 : 4;
     if (wn == 1) launch_mma<T, TRANSPOSED, 1>(P, stream);
     if (wn == 2) launch_mma<T, TRANSPOSED, 2>(P, stream);
@@ -591,15 +1077,6 @@ void run_igemm(const Problem<T>& P, cudaStream_t stream) {
   }
 }
 
-template <typename F>
-void dispatch(at::ScalarType type, F f) {
-  switch (type) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "fedmri.conv3d on CUDA supports float32, float16 and bfloat16, got ", type);
-  }
-}
 
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                         const std::optional<at::Tensor>& b_in,
@@ -608,12 +1085,17 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                         int64_t activation, double slope) {
   const Geometry g = describe(x_in, w_in, b_in, lo_in, hi_in, stride);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const PaddedInput in = padded_input(g, x_in, lo_in, hi_in);
+  const bool few = g.C <= FEW_CIN;  // direct kernel, channels unpadded
+  const PaddedInput in = padded_input(g, x_in, lo_in, hi_in, few ? g.C : lanes(g.C, x_in));
   const int64_t C = in.C;
   const at::Tensor wp = packed(w_in, {0, 2, 3, 4, 1}, C);  // [Cout][kd][kh][kw][C]
   const at::Tensor bias = b_in.has_value() ? b_in->contiguous() : at::empty({0}, in.x.options());
+  // The direct kernel writes either layout; the GEMM kernels write channels-last.
+  const at::MemoryFormat format = result_format(x_in);
+  const bool ncdhw = few && format == at::MemoryFormat::Contiguous;
   at::Tensor y = at::empty({g.N, g.Cout, g.Do, g.Ho, g.Wo},
-                           in.x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+                           in.x.options().memory_format(
+                               ncdhw ? format : at::MemoryFormat::ChannelsLast3d));
   dispatch(in.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     Problem<T> P{};
@@ -623,9 +1105,15 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     P.bias = ptr<T>(bias);
     P.M = g.N * g.Do * g.Ho * g.Wo, P.cols = g.Cout, P.K = g.k * g.k * g.k * C;
     P.k = g.k, P.s = g.s, P.p = g.p, P.act = activation, P.slope = slope;
-    run_igemm<T, false>(P, at::cuda::getCurrentCUDAStream());
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    if (!few) return run_igemm<T, false>(P, stream);
+    if (P.M == 0 || P.cols == 0) return;
+    const dim3 grid((P.M + 255) / 256, (P.cols + FEW_COUT - 1) / FEW_COUT);
+    ncdhw ? direct_few<T, true><<<grid, 256, 0, stream>>>(P)
+          : direct_few<T, false><<<grid, 256, 0, stream>>>(P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return y.contiguous(result_format(x_in));
+  return in_format(y, format);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cuda(
@@ -653,7 +1141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cuda(
     run_igemm<T, true>(P, at::cuda::getCurrentCUDAStream());
   });
   auto finish = [](const at::Tensor& t, const std::optional<at::Tensor>& like) {
-    return like.has_value() ? t.contiguous(result_format(*like)) : t;
+    return like.has_value() ? in_format(t, result_format(*like)) : t;
   };
   return {finish(gx, x_in), finish(glo, lo_in), finish(ghi, hi_in)};
 }
@@ -664,7 +1152,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(
     int64_t stride) {
   const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const PaddedInput in = padded_input(g, x_in, lo_in, hi_in);
+  const PaddedInput in = padded_input(g, x_in, lo_in, hi_in, lanes(g.C, x_in));
   const int64_t C = in.C, Cout = lanes(g.Cout, x_in);
   const at::Tensor grad = channels_last(grad_in, Cout);
   const int K = g.k * g.k * g.k * C;
