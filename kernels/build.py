@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ("registration.cpp", "conv3d_cpu.cpp")
+CPU_SOURCES = ("registration.cpp", "conv3d_cpu.cpp", "conv3d_cpu_direct.cpp")
 CUDA_SOURCES = ("conv3d_cuda.cu",)
 # Compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper.
 # Hopper is built as sm_90a (arch-specific: wgmma); a plain "9.0" gets the WMMA kernels only.

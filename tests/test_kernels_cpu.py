@@ -174,6 +174,32 @@ def test_unet_on_fedmri_conv_matches_aten() -> None:
         torch.testing.assert_close(p.grad, p_ref.grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+# Few channels at stride 1 take our direct kernel (16-column register blocks): widths below,
+# at and across the block size, every output-channel count it is built for at the extremes.
+DIRECT_CASES = [
+    # n, c, cout, (d, h, w), k, halo_lo, halo_hi, activation
+    (2, 3, 3, (5, 6, 40), 3, True, True, None),
+    (1, 1, 8, (4, 3, 5), 3, False, True, "relu"),
+    (2, 4, 1, (3, 4, 16), 3, True, False, "leaky_relu"),
+    (1, 2, 5, (2, 5, 17), 1, False, False, None),
+    (3, 3, 7, (6, 2, 33), 3, False, False, "relu"),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_kernel_few_channels(case, channels_last) -> None:  # type: ignore[no-untyped-def]
+    n, c, cout, dhw, k, lo, hi, act = case
+    t = make_inputs(n, c, cout, dhw, k, lo, hi, torch.float32)
+    if channels_last:
+        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d)
+    t64 = {key: v.detach().double() if v is not None else None for key, v in t.items()}
+    with torch.no_grad():
+        y, ref = _ours(t, 1, act), _ref(t64, 1, act)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-6
+
+
 def test_float64_path_matches_onednn_path() -> None:
     """The two CPU routes (im2col + GEMM for float64, oneDNN for float32) agree."""
     t = make_inputs(2, 4, 5, (6, 7, 5), 3, True, True, torch.float64)

@@ -1,7 +1,8 @@
 // CPU backend.
 //
 // ATen's conv3d takes its single-threaded direct loop (aten::slow_conv3d) at batch 1. Here
-// float32 (and float16/bfloat16, computed in float32) go to oneDNN at every batch size: the
+// float32 (and float16/bfloat16, computed in float32) layers with very few channels take our
+// direct kernel (conv3d_cpu_direct.cpp) and all others go to oneDNN at every batch size: the
 // slab convolves with zero depth padding and the (at most two) output planes whose window
 // reaches into a halo are recomputed from a k-plane slab gathered from the halo buffers.
 // The input gradient at stride 1 is the forward convolution of the output gradient with the
@@ -17,32 +18,13 @@
 #include <cstring>
 
 #include "conv3d.h"
+#include "conv3d_cpu.h"
 
 namespace fedmri {
 
 namespace {
 
 constexpr int64_t kChunkBytes = 64 << 20;  // im2col buffer budget per chunk
-
-// One sample's depth-extended input, NCDHW pieces; plane(c, z) for z relative to x's first
-// plane, nullptr where the plane is padding.
-template <typename P>
-struct Planes {
-  P lo, mid, hi;
-  int64_t nlo, D, nhi, HW;
-  P plane(int64_t c, int64_t z) const {
-    if (z < 0) return z >= -nlo ? lo + (c * nlo + z + nlo) * HW : nullptr;
-    if (z >= D) return z - D < nhi ? hi + (c * nhi + z - D) * HW : nullptr;
-    return mid + (c * D + z) * HW;
-  }
-};
-
-template <typename P>
-Planes<P> sample(const Geometry& g, int64_t n, P lo, P mid, P hi) {
-  const int64_t HW = g.H * g.W;
-  return {lo ? lo + n * g.C * g.lo * HW : nullptr, mid + n * g.C * g.D * HW,
-          hi ? hi + n * g.C * g.hi * HW : nullptr, g.lo, g.D, g.hi, HW};
-}
 
 // Output columns [first, last) along W whose input column lies inside the image.
 inline void valid_range(const Geometry& g, int64_t kw, int64_t* first, int64_t* last) {
@@ -114,10 +96,6 @@ void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Plane
   });
 }
 
-template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
 
 // im2col of sample n's output planes [d0, d1), reading x and its halos in place.
 template <typename T>
@@ -190,11 +168,11 @@ at::Tensor forward_onednn(const Geometry& g, const at::Tensor& x_in, const at::T
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& lo,
                           const std::optional<at::Tensor>& hi) {
-  // At batch 1, oneDNN's NCDHW kernel for output channels that are not a multiple of 8 (the
-  // network's 3-class layer) is about 2x slower than its channels-last one (measured 96^3).
-  // From batch 2 on, this is the very call ATen makes, so we are never behind it.
-  const at::Tensor x = g.N == 1 && g.Cout % 8 && x_in.suggest_memory_format() ==
-                                                      at::MemoryFormat::Contiguous
+  // oneDNN's NCDHW kernel for output channels that are not a multiple of 8 was about 2.5x
+  // slower than its channels-last one at batch 1 and 2 (3->3 channels at 64^3 and 96^3,
+  // conversions included; that layer now takes the direct kernel), so such layers take the
+  // channels-last detour. Every other layer makes the very call ATen makes from batch 2 on.
+  const at::Tensor x = g.Cout % 8 && x_in.suggest_memory_format() == at::MemoryFormat::Contiguous
                            ? x_in.contiguous(at::MemoryFormat::ChannelsLast3d)
                            : x_in;
   at::Tensor y = at::mkldnn_convolution(x, w, bias, {g.p, g.p, g.p}, {g.s, g.s, g.s},
@@ -222,16 +200,22 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   const Geometry g = describe(x_in, w_in, b_in, lo_in, hi_in, stride);
   const auto type = compute_type(x_in);
   const auto bias = prepared(b_in, type);
+  auto finish = [&](at::Tensor y) {  // activation, then the caller's dtype and layout
+    if (activation == kRelu) at::relu_(y);
+    if (activation == kLeakyRelu) at::leaky_relu_(y, slope);
+    return y.to(x_in.scalar_type()).contiguous(result_format(x_in));
+  };
+  if (type == at::kFloat && direct_fits(g)) {
+    return finish(forward_direct_cpu(g, prepared(x_in, type), prepared(w_in, type), bias,
+                                     prepared(lo_in, type), prepared(hi_in, type)));
+  }
   if (use_onednn(x_in)) {
     auto keep = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
       if (!t.has_value()) return std::nullopt;
       return t->to(type);
     };
-    at::Tensor y = forward_onednn(g, x_in.to(type), w_in.to(type).contiguous(), bias,
-                                  keep(lo_in), keep(hi_in));
-    if (activation == kRelu) at::relu_(y);
-    if (activation == kLeakyRelu) at::leaky_relu_(y, slope);
-    return y.to(x_in.scalar_type()).contiguous(result_format(x_in));
+    return finish(forward_onednn(g, x_in.to(type), w_in.to(type).contiguous(), bias,
+                                 keep(lo_in), keep(hi_in)));
   }
   const at::Tensor x = prepared(x_in, type);
   const at::Tensor w = prepared(w_in, type).view({g.Cout, -1});
@@ -247,11 +231,9 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
       } else {
         at::mm_out(out, w, c);
       }
-      if (activation == kRelu) at::relu_(out);
-      if (activation == kLeakyRelu) at::leaky_relu_(out, slope);
     });
   });
-  return y.to(x_in.scalar_type()).contiguous(result_format(x_in));
+  return finish(y);
 }
 
 // Stride 1: the gradient of the depth-extended input [lo | x | hi] is the convolution of the
