@@ -192,12 +192,17 @@ def test_direct_kernel_few_channels(case, channels_last) -> None:  # type: ignor
     n, c, cout, dhw, k, lo, hi, act = case
     t = make_inputs(n, c, cout, dhw, k, lo, hi, torch.float32)
     if channels_last:
-        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d)
-    t64 = {key: v.detach().double() if v is not None else None for key, v in t.items()}
-    with torch.no_grad():
-        y, ref = _ours(t, 1, act), _ref(t64, 1, act)
+        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
+           for key, v in t.items()}
+    y, ref = _ours(t, 1, act), _ref(t64, 1, act)
     assert y.shape == ref.shape
     assert rel_err(y, ref) < 1e-6
+    # With <= 4 output channels the input gradient (the flipped convolution) is direct too.
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    ours, theirs = _grads(y, t, gy.float()), _grads(ref, t64, gy)
+    for name, g in theirs.items():
+        assert rel_err(ours[name], g) < 1e-5, name
 
 
 def test_float64_path_matches_onednn_path() -> None:

@@ -247,7 +247,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_onednn(
   const at::Tensor gf = grad.to(at::kFloat);
   const auto fmt = grad.suggest_memory_format();
   at::Tensor ext;
-  if (g.lo == 0 && g.hi == 0) {
+  Geometry flipped = g;  // the same convolution seen from the output gradient
+  flipped.C = g.Cout, flipped.Cout = g.C, flipped.lo = flipped.hi = 0;
+  flipped.D = flipped.Do = g.D + g.lo + g.hi;
+  if (direct_fits(flipped)) {  // zero planes where halo gradients are wanted, 'same' padding
+    const at::Tensor padded = at::constant_pad_nd(gf, {0, 0, 0, 0, g.lo, g.hi}).contiguous();
+    ext = forward_direct_cpu(flipped, padded, wt, std::nullopt, std::nullopt, std::nullopt);
+  } else if (g.lo == 0 && g.hi == 0) {
     ext = at::mkldnn_convolution(gf.contiguous(fmt), wt, std::nullopt, {g.p, g.p, g.p},
                                  {1, 1, 1}, {1, 1, 1}, 1);
   } else {  // pad depth by p + halo planes so the halo planes' gradients come out too
