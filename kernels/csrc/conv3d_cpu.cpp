@@ -309,6 +309,16 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(
     int64_t stride) {
   const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
   const auto type = compute_type(x_in);
+  if (use_onednn(x_in) && g.N >= 2 && !lo_in && !hi_in) {
+    // From batch 2, without halos, ATen's own weight gradient (oneDNN) took 27 ms over the
+    // network's 64^3 layers against 44 ms for our im2col + GEMM (at batch 1 ATen takes its
+    // slow loop, and with halos it cannot be asked).
+    const at::Tensor w = w_in.to(type);
+    auto [unused, gw, gb] = at::convolution_backward(
+        grad_in.to(type), x_in.to(type), w, c10::IntArrayRef{g.Cout}, {g.s, g.s, g.s},
+        {g.p, g.p, g.p}, {1, 1, 1}, false, {0, 0, 0}, 1, {false, true, true});
+    return {gw.to(w_in.scalar_type()).contiguous(), gb.to(w_in.scalar_type())};
+  }
   const at::Tensor grad = prepared(grad_in, type);
   const at::Tensor x = prepared(x_in, type);
   const auto lo = prepared(lo_in, type), hi = prepared(hi_in, type);
