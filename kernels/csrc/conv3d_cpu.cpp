@@ -6,9 +6,10 @@
 // slab convolves with zero depth padding and the (at most two) output planes whose window
 // reaches into a halo are recomputed from a k-plane slab gathered from the halo buffers.
 // The input gradient at stride 1 is the forward convolution of the output gradient with the
-// flipped, transposed kernel, so it takes oneDNN as well. float64, stride-2 input gradients
-// and weight gradients use our own im2col over a few output planes at a time + one BLAS GEMM
-// per chunk; the gather (at::parallel_for over rows) reads halo planes in place.
+// flipped, transposed kernel, so it takes the direct kernel or oneDNN as well. From batch 2
+// without halos the weight gradient is ATen's own (oneDNN). float64, stride-2 input gradients
+// and the other weight gradients use our own im2col over a few output planes at a time + one
+// BLAS GEMM per chunk; the gather (at::parallel_for over rows) reads halo planes in place.
 #include <ATen/Context.h>
 #include <torch/library.h>
 

@@ -3,11 +3,14 @@
 // Forward and input gradient are one GEMM shape: rows = positions of the result volume,
 // columns = its channels, reduction = (kd, kh, kw, c) taps of the source volume, which is
 // gathered on the fly (never materialised). The source and the result are each up to three
-// depth pieces (halo below | slab | halo above) read and written in place. float16/bfloat16
-// run on tensor cores (WMMA 16x16x16, float32 accumulation) with a 3-stage cp.async pipeline;
-// bias and activation are fused into the epilogue. float32 takes a plain SIMT path. The
-// weight gradient is a split-reduction kernel (tensor cores for fp16/bf16) with float32
-// atomics across row slices.
+// depth pieces (halo below | slab | halo above) read and written in place; bias and
+// activation are fused into the epilogue. float16/bfloat16 run on tensor cores: on Hopper
+// (built for sm_90a) the forward takes the wgmma kernels (the strip kernel for k = 3,
+// stride 1, else the generic one), elsewhere and for the input gradient WMMA 16x16x16 with a
+// 3-stage cp.async pipeline. Layers with at most 4 input channels take a direct kernel, and
+// float32 a plain SIMT path. The weight gradient is a split-reduction kernel (tensor cores for
+// fp16/bf16) with float32 atomics across row slices. NCDHW tensors are converted with our own
+// tiled transpose.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -359,11 +362,8 @@ __global__ void __launch_bounds__(THREADS, 2) igemm_mma(const Problem<T> P) {
 #if defined(FEDMRI_SM90A)
 // ---------------------------------------------------------------- Hopper tensor cores (wgmma)
 
-// Built when the extension is compiled for sm_90a. Two warpgroups; warpgroup g multiplies rows
-// [g * 64 * MI, (g + 1) * 64 * MI) of the BM = 128 * MI row tile by the BN-wide column tile,
-// both operands read by wgmma straight from 128-byte-swizzled shared memory (no register
-// fragments). The cp.async gather is the WMMA kernel's; a stage is refilled two iterations
-// after it was multiplied, so one multiply stays in flight while the next one is issued.
+// Built when the extension is compiled for sm_90a.
+
 // Epilogue of the wgmma kernels: accumulators -> float32 tile in shared memory -> bias,
 // activation and 16-byte stores of 8 channels per thread. `row_out(r)` is where tile row r's
 // channels go (nullptr: nowhere). wgmma layout: warp w of a warpgroup holds rows
@@ -392,6 +392,11 @@ __device__ __forceinline__ void wgmma_epilogue(const Problem<T>& P, float (&acc)
   }
 }
 
+// Generic wgmma kernel. Two warpgroups; warpgroup g multiplies rows
+// [g * 64 * MI, (g + 1) * 64 * MI) of the BM = 128 * MI row tile by the BN-wide column tile,
+// both operands read by wgmma straight from 128-byte-swizzled shared memory (no register
+// fragments). The cp.async gather is the WMMA kernel's; a stage is refilled two iterations
+// after it was multiplied, so one multiply stays in flight while the next one is issued.
 template <int BN, int MI, int STAGES_>
 struct WgmmaTile {
   static constexpr int BM = 128 * MI, STAGES = STAGES_;
@@ -1076,7 +1081,6 @@ void run_igemm(const Problem<T>& P, cudaStream_t stream) {
     if (wn == 4) launch_mma<T, TRANSPOSED, 4>(P, stream);
   }
 }
-
 
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                         const std::optional<at::Tensor>& b_in,
