@@ -499,7 +499,7 @@ struct StripTile {
 };
 
 template <typename T, int BN, int BK>
-__global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, int Mpad, bool swap) {
+__global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, int Mpad) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tile = StripTile<BN, BK>;
   constexpr int BM = Tile::BM, MI = Tile::MI, CH = Tile::CH, STAGES = Tile::STAGES;
@@ -519,35 +519,59 @@ __global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, in
     r.z = q % Do;
     r.n = q / Do;
   };
-  // The strip rows this thread gathers: strip row j = piece / CH is padded row q0 - 1 + j.
-  RowPos rows[A_ITERS];
+  // The strip rows this thread gathers (strip row j = piece / CH is padded row q0 - 1 + j),
+  // resolved once: per kd the start of its source row in the right depth piece (with this
+  // thread's 8 channels; nullptr where the plane or the column is padding), and per row the
+  // kh whose source row lies inside the image (bit kh). A stage then only adds an offset.
+  const T* src[A_ITERS][3];
+  unsigned kh_inside[A_ITERS];
 #pragma unroll
   for (int i = 0; i < A_ITERS; ++i) {
     const int piece = threadIdx.x + i * THREADS, q = q0 - 1 + piece / CH;
-    rows[i].n = -1;
-    if (piece < A_PIECES && q >= 0 && q < Mpad) unpad(q, rows[i]);
+    src[i][0] = src[i][1] = src[i][2] = nullptr;
+    kh_inside[i] = 0;
+    if (piece >= A_PIECES || q < 0 || q >= Mpad) continue;
+    RowPos r;
+    unpad(q, r);
+#pragma unroll
+    for (int kd = 0; kd < 3; ++kd)
+      if (P.src.holds(r.z + kd - 1, r.h, r.w))
+        src[i][kd] = P.src.at(r.n, r.z + kd - 1, r.h, r.w) + piece % CH * 8;
+#pragma unroll
+    for (int kh = 0; kh < 3; ++kh)
+      if (r.h + kh - 1 >= 0 && r.h + kh - 1 < H) kh_inside[i] |= 1u << kh;
   }
-  const int cblocks = P.src.C / BK, steps = 9 * cblocks;
-  auto load = [&](int step, int slot) {
-    const int kdh = step / cblocks, c0 = step % cblocks * BK, kd = kdh / 3, kh = kdh % 3;
+  const int steps = 9 * (P.src.C / BK);
+  const int64_t row_elems = (int64_t)P.src.W * P.src.C;  // one image row of the source
+  // Steps run (kd, kh, channel block) in order; loads walk them incrementally (no divisions).
+  int kd = 0, kh = 0, c0 = 0;
+  auto load = [&](int slot) {
+    const int kdh = kd * 3 + kh;
     T* As = smem + slot * Tile::STAGE;
     T* Bs = As + Tile::A;
+    const int64_t offset = (kh - 1) * row_elems + c0;
 #pragma unroll
     for (int i = 0; i < A_ITERS; ++i) {
-      const int piece = threadIdx.x + i * THREADS, j = piece / CH, c = piece % CH;
+      const int piece = threadIdx.x + i * THREADS;
       if (piece >= A_PIECES) break;
-      const RowPos& r = rows[i];
-      const int zi = r.z + kd - 1, hi = r.h + kh - 1;
-      const bool ok = r.n >= 0 && P.src.holds(zi, hi, r.w);
-      cp_async16(As + (c * Tile::PA + j) * 8, ok ? P.src.at(r.n, zi, hi, r.w) + c0 + c * 8 : P.weight,
-                 ok);
+      const T* row = kd == 0 ? src[i][0] : kd == 1 ? src[i][1] : src[i][2];
+      const bool ok = row && (kh_inside[i] >> kh & 1u);
+      cp_async16(As + (piece % CH * Tile::PA + piece / CH) * 8, ok ? row + offset : P.weight, ok);
     }
     const T* wbase = P.weight + (int64_t)kdh * 3 * P.src.C + c0;
-    for (int piece = threadIdx.x; piece < 3 * BN * CH; piece += THREADS) {
+    constexpr int B_PIECES = 3 * BN * CH;
+#pragma unroll
+    for (int i = 0; i < (B_PIECES + THREADS - 1) / THREADS; ++i) {
+      const int piece = threadIdx.x + i * THREADS;
+      if (B_PIECES % THREADS && piece >= B_PIECES) break;
       const int kw = piece / (BN * CH), r = piece / CH % BN, c = piece % CH, col = n0 + r;
       const bool ok = col < P.cols;
       cp_async16(Bs + ((kw * CH + c) * Tile::PB + r) * 8,
                  ok ? wbase + (int64_t)col * P.K + kw * P.src.C + c * 8 : P.weight, ok);
+    }
+    if ((c0 += BK) == P.src.C) {
+      c0 = 0;
+      if (++kh == 3) kh = 0, ++kd;
     }
   };
 
@@ -558,30 +582,30 @@ __global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, in
     for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.f;
 #pragma unroll
   for (int st = 0; st < STAGES - 2; ++st) {
-    if (st < steps) load(st, st);
+    if (st < steps) load(st);
     cp_async_commit();
   }
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<STAGES - 3>();
     sm90::fence_proxy();
     __syncthreads();  // this stage has landed; every warpgroup is done with step - 2
+    // A descriptor's low bits are the address in 16-byte units, so moving within the stage
+    // is adding a compile-time count of 16-byte rows to the stage's two base descriptors.
     const uint32_t a = smem_addr + (step % STAGES) * Tile::STAGE * 2, b = a + Tile::A * 2;
+    const uint64_t da = sm90::descriptor_plain(a + group * MI * 64 * 16, Tile::PA * 16);
+    const uint64_t db = sm90::descriptor_plain(b, Tile::PB * 16);
     sm90::fence();
 #pragma unroll
     for (int kw = 0; kw < 3; ++kw)
 #pragma unroll
       for (int k = 0; k < BK / 16; ++k)
 #pragma unroll
-        for (int i = 0; i < MI; ++i) {
-          const int row = (group * MI + i) * 64 + kw;
-          sm90::mma<BN, T>(
-              acc[i],
-              sm90::descriptor_plain(a + (2 * k * Tile::PA + row) * 16, Tile::PA * 16, swap),
-              sm90::descriptor_plain(b + (kw * CH + 2 * k) * Tile::PB * 16, Tile::PB * 16, swap));
-        }
+        for (int i = 0; i < MI; ++i)
+          sm90::mma<BN, T>(acc[i], da + 2 * k * Tile::PA + i * 64 + kw,
+                           db + (kw * CH + 2 * k) * Tile::PB);
     sm90::commit();
     const int next = step + STAGES - 2;
-    if (next < steps) load(next, next % STAGES);
+    if (next < steps) load(next % STAGES);
     cp_async_commit();
     sm90::wait<1>();
   }
@@ -1007,13 +1031,13 @@ void launch_wgmma(const Problem<T>& P, cudaStream_t stream) {
 }
 
 template <typename T, int BN, int BK>
-void launch_strip(const Problem<T>& P, int Mpad, bool swap, cudaStream_t stream) {
+void launch_strip(const Problem<T>& P, int Mpad, cudaStream_t stream) {
   using Tile = StripTile<BN, BK>;
   auto kernel = strip_wgmma<T, BN, BK>;
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::SMEM));
   const dim3 grid((Mpad + Tile::BM - 1) / Tile::BM, (P.cols + BN - 1) / BN);
-  kernel<<<grid, THREADS, Tile::SMEM, stream>>>(P, Mpad, swap);
+  kernel<<<grid, THREADS, Tile::SMEM, stream>>>(P, Mpad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1037,14 +1061,13 @@ bool run_sm90(const Problem<T>& P, cudaStream_t stream) {
   const bool strip32 = force == "strip32";
   if (strip_fits && (force == "strip" || strip32 || (force.empty() && P.cols <= 64))) {
     const int Mpad = P.M / P.dst.W * (P.dst.W + 2);
-    const bool swap = std::getenv("FEDMRI_CONV3D_DESC_SWAP") != nullptr;  // diagnostics
     // 64 channels a stage where they divide, except for 64 columns: there 32 channels with
     // 6 stages measured faster than 64 with 3 (H200, 64->64 @64^3).
     const bool wide = P.src.C % 64 == 0 && !strip32 && (P.cols <= 32 || force == "strip");
-    if (P.cols <= 32) wide ? launch_strip<T, 32, 64>(P, Mpad, swap, stream)
-                           : launch_strip<T, 32, 32>(P, Mpad, swap, stream);
-    else wide ? launch_strip<T, 64, 64>(P, Mpad, swap, stream)
-              : launch_strip<T, 64, 32>(P, Mpad, swap, stream);
+    if (P.cols <= 32) wide ? launch_strip<T, 32, 64>(P, Mpad, stream)
+                           : launch_strip<T, 32, 32>(P, Mpad, stream);
+    else wide ? launch_strip<T, 64, 64>(P, Mpad, stream)
+              : launch_strip<T, 64, 32>(P, Mpad, stream);
     return true;
   }
   // Generic wgmma: row tile 256 when that still gives every SM a tile, else 128.

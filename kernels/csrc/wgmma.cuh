@@ -26,12 +26,11 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr) {
 // Descriptor for a K-major tile without swizzle, made of core matrices of 8 rows x 16 bytes
 // (128 contiguous bytes): `k_stride` bytes between the two 8-element halves of a 16-deep
 // slice, 128 bytes between consecutive groups of 8 rows (rows are 16 bytes apart), so the
-// tile may start at any row. `swap` exchanges the two strides (diagnostics only).
-__device__ __forceinline__ uint64_t descriptor_plain(uint32_t addr, uint32_t k_stride,
-                                                     bool swap = false) {
-  const uint64_t lbo = swap ? 128 : k_stride, sbo = swap ? k_stride : 128;
-  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (((lbo >> 4) & 0x3FFF) << 16) |
-         (((sbo >> 4) & 0x3FFF) << 32);
+// tile may start at any row. (Exchanging the two strides fails the tests: checked on an H200.)
+__device__ __forceinline__ uint64_t descriptor_plain(uint32_t addr, uint32_t k_stride) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) |
+         (static_cast<uint64_t>((k_stride >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>(128 >> 4) << 32);
 }
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
