@@ -231,6 +231,20 @@ __device__ __forceinline__ void tile_rows(const Problem<T>& P, int m0, RowPos* r
   }
 }
 
+// B rows of one stage: this thread's 16-byte chunk of reduction index kk for each of its
+// columns of the packed weights (zeros past the columns or the reduction).
+template <typename T, int BN, typename Layout>
+__device__ __forceinline__ void load_weights(const Problem<T>& P, T* Bs, int n0, int kk) {
+  const int chunk = threadIdx.x % CHUNKS;
+#pragma unroll
+  for (int r = threadIdx.x / CHUNKS; r < BN; r += THREADS / CHUNKS) {
+    const int col = n0 + r;
+    const bool ok = col < P.cols && kk < P.K;
+    cp_async16(Bs + Layout::at(r, chunk), ok ? P.weight + (int64_t)col * P.K + kk : P.weight,
+               ok);
+  }
+}
+
 // One BM x BN x BK stage: A rows gathered from the source, B rows from the packed weights.
 // Source channels are a multiple of 8 (the host pads them), so 8 consecutive reduction
 // elements share one tap and each is one 16-byte cp.async, zero-filled at padding.
@@ -249,14 +263,58 @@ __device__ __forceinline__ void load_stage(const Problem<T>& P, const RowPos* ro
     cp_async16(As + Layout::at(r, chunk), src ? src : P.weight, src != nullptr);
   }
   advance(P, tap, BK);
-#pragma unroll
-  for (int r = t / CHUNKS; r < BN; r += THREADS / CHUNKS) {
-    const int col = n0 + r;
-    const bool ok = col < P.cols && kk < P.K;
-    cp_async16(Bs + Layout::at(r, chunk), ok ? P.weight + (int64_t)col * P.K + kk : P.weight,
-               ok);
-  }
+  load_weights<T, BN, Layout>(P, Bs, n0, kk);
 }
+
+#if defined(FEDMRI_SM90A)
+// The wgmma kernel's tile rows, resolved once per block: for each kd the source address of tap
+// (kd, 0, 0) (nullptr where that plane is padding; the address may lie outside the image when
+// only later taps are inside) and, as bit kh * 3 + kw, which (kh, kw) taps are inside.
+template <typename T, int ROWS>
+struct ResolvedRows {
+  const T* at[ROWS][3];
+  unsigned inside[ROWS];
+
+  __device__ __forceinline__ void resolve(const Problem<T>& P, int m0) {
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const int m = m0 + threadIdx.x / CHUNKS + i * (THREADS / CHUNKS);
+      at[i][0] = at[i][1] = at[i][2] = nullptr;
+      inside[i] = 0;
+      if (m >= P.M) continue;
+      int n, z, h, w;
+      decode(P, m, n, z, h, w);
+      const int zs = z * P.s - P.p, hs = h * P.s - P.p, ws = w * P.s - P.p;
+#pragma unroll
+      for (int kd = 0; kd < 3; ++kd)  // fixed bounds keep `at` in registers
+        if (kd < P.k && zs + kd >= -P.src.nlo && zs + kd < P.src.D + P.src.nhi)
+          at[i][kd] = P.src.at(n, zs + kd, hs, ws);
+#pragma unroll
+      for (int kh = 0; kh < 3; ++kh)
+#pragma unroll
+        for (int kw = 0; kw < 3; ++kw)
+          if (kh < P.k && kw < P.k && hs + kh >= 0 && hs + kh < P.src.H && ws + kw >= 0 &&
+              ws + kw < P.src.W)
+            inside[i] |= 1u << (kh * 3 + kw);
+    }
+  }
+
+  // One stage of A (this thread's chunk of every row at tap `tap`) into swizzled rows.
+  __device__ __forceinline__ void load(const Problem<T>& P, const Tap& tap, T* As) const {
+    const int chunk = threadIdx.x % CHUNKS;
+    const bool live = tap.kd < P.k;  // past the reduction's end: zeros
+    const int64_t offset = ((int64_t)tap.kh * P.src.W + tap.kw) * P.src.C + tap.c;
+    const unsigned bit = 1u << (tap.kh * 3 + tap.kw);
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const T* base = tap.kd == 0 ? at[i][0] : tap.kd == 1 ? at[i][1] : at[i][2];
+      const bool ok = live && base && (inside[i] & bit);
+      cp_async16(As + SwizzledRows::at(threadIdx.x / CHUNKS + i * (THREADS / CHUNKS), chunk),
+                 ok ? base + offset : P.weight, ok);
+    }
+  }
+};
+#endif
 
 // Bias + activation (float32) on 8 consecutive channels of result row m, then one 16-byte
 // store where the channels allow.
@@ -426,14 +484,20 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
 #pragma unroll
     for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.f;
 
-  RowPos rows[BM / (THREADS / CHUNKS)];
-  tile_rows<T, BM>(P, m0, rows);
+  ResolvedRows<T, BM / (THREADS / CHUNKS)> rows;
+  rows.resolve(P, m0);
   Tap tap = tap_of(P, (threadIdx.x % CHUNKS) * 8);
   const int tiles = (P.K + BK - 1) / BK;
+  int kk = (threadIdx.x % CHUNKS) * 8;  // this thread's reduction index in the next stage
+  auto load = [&](int slot) {
+    rows.load(P, tap, A(slot));
+    advance(P, tap, BK);
+    load_weights<T, BN, SwizzledRows>(P, B(slot), n0, kk);
+    kk += BK;
+  };
 #pragma unroll
   for (int st = 0; st < STAGES - 2; ++st) {
-    if (st < tiles)
-      load_stage<T, false, BM, BN, SwizzledRows>(P, rows, tap, A(st), B(st), n0, st * BK);
+    if (st < tiles) load(st);
     cp_async_commit();
   }
   for (int kt = 0; kt < tiles; ++kt) {
@@ -441,20 +505,19 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
     sm90::fence_proxy();
     __syncthreads();  // stage kt has landed; every warpgroup is done with stage kt - 2
     const int slot = kt % STAGES;
-    const uint32_t a_addr = smem_addr + (slot * Tile::STAGE + group * MI * 64 * BK) * 2;
-    const uint32_t b_addr = smem_addr + (slot * Tile::STAGE + BM * BK) * 2;
+    // Descriptors' low bits are addresses in 16-byte units: offsets are compile-time adds.
+    const uint64_t da =
+        sm90::descriptor(smem_addr + (slot * Tile::STAGE + group * MI * 64 * BK) * 2);
+    const uint64_t db = sm90::descriptor(smem_addr + (slot * Tile::STAGE + BM * BK) * 2);
     sm90::fence();
 #pragma unroll
     for (int k = 0; k < BK / 16; ++k)  // 16 reduction elements = 32 bytes along the row
 #pragma unroll
       for (int i = 0; i < MI; ++i)
-        sm90::mma<BN, T>(acc[i], sm90::descriptor(a_addr + i * 64 * BK * 2 + k * 32),
-                         sm90::descriptor(b_addr + k * 32));
+        sm90::mma<BN, T>(acc[i], da + (i * 64 * BK * 2 + k * 32) / 16, db + k * 32 / 16);
     sm90::commit();
     const int next = kt + STAGES - 2;
-    if (next < tiles)
-      load_stage<T, false, BM, BN, SwizzledRows>(P, rows, tap, A(next % STAGES),
-                                                 B(next % STAGES), n0, next * BK);
+    if (next < tiles) load(next % STAGES);
     cp_async_commit();
     sm90::wait<1>();  // the multiply of stage kt - 1 is done (this warpgroup)
   }
