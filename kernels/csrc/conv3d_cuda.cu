@@ -1081,6 +1081,13 @@ void launch_mma(const Problem<T>& P, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Which forward kernel: FEDMRI_CONV3D_KERNEL = wmma | wgmma | wgmma256 | strip | strip32
+// forces one (tests and tuning; one that cannot take the layer falls back); unset = auto.
+std::string forced_kernel() {
+  const char* knob = std::getenv("FEDMRI_CONV3D_KERNEL");
+  return knob ? knob : "";
+}
+
 #if defined(FEDMRI_SM90A)
 template <typename T, int BN, int MI, int STAGES>
 void launch_wgmma(const Problem<T>& P, cudaStream_t stream) {
@@ -1102,13 +1109,6 @@ void launch_strip(const Problem<T>& P, int Mpad, cudaStream_t stream) {
   const dim3 grid((Mpad + Tile::BM - 1) / Tile::BM, (P.cols + BN - 1) / BN);
   kernel<<<grid, THREADS, Tile::SMEM, stream>>>(P, Mpad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Which forward kernel: FEDMRI_CONV3D_KERNEL = wmma | wgmma | wgmma256 | strip | strip32
-// forces one (tests and tuning; one that cannot take the layer falls back); unset = auto.
-std::string forced_kernel() {
-  const char* knob = std::getenv("FEDMRI_CONV3D_KERNEL");
-  return knob ? knob : "";
 }
 
 // The Hopper (compute capability 9.0) forward kernels; false where none applies.
@@ -1212,6 +1212,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cuda(
     int64_t stride) {
   const Geometry g = describe(x_in, w_in, std::nullopt, lo_in, hi_in, stride);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  auto finish = [](const at::Tensor& t, const std::optional<at::Tensor>& like) {
+    return like.has_value() ? in_format(t, result_format(*like)) : t;
+  };
+  if (g.s == 1 && g.C >= 32 && forced_kernel() != "wmma") {
+    // The gradient of [lo | x | hi] is the 'same' convolution of the output gradient, depth-
+    // padded by the halo planes whose gradient is wanted, with the flipped kernel and the
+    // channels swapped: the forward's kernels (strip / wgmma on Hopper) do it.
+    const at::Tensor src =
+        g.lo || g.hi ? at::constant_pad_nd(grad_in, {0, 0, 0, 0, g.lo, g.hi}) : grad_in;
+    const at::Tensor ext = forward_cuda(src, w_in.flip({2, 3, 4}).transpose(0, 1), std::nullopt,
+                                        std::nullopt, std::nullopt, 1, kNoActivation, 0.0);
+    auto piece = [&](int64_t start, int64_t planes, const std::optional<at::Tensor>& like) {
+      return like.has_value() ? finish(ext.narrow(2, start, planes), like)
+                              : at::empty({0}, x_in.options());
+    };
+    return {piece(g.lo, g.D, x_in), piece(0, g.lo, lo_in), piece(g.lo + g.D, g.hi, hi_in)};
+  }
   const int64_t Cout = lanes(g.Cout, x_in);
   const at::Tensor grad = channels_last(grad_in, Cout);
   const at::Tensor wt = packed(w_in, {1, 2, 3, 4, 0}, Cout);  // [C][kd][kh][kw][Cout]
@@ -1230,9 +1247,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cuda(
     P.k = g.k, P.s = g.s, P.p = g.p, P.act = kNoActivation, P.slope = 0.f;
     run_igemm<T, true>(P, at::cuda::getCurrentCUDAStream());
   });
-  auto finish = [](const at::Tensor& t, const std::optional<at::Tensor>& like) {
-    return like.has_value() ? in_format(t, result_format(*like)) : t;
-  };
   return {finish(gx, x_in), finish(glo, lo_in), finish(ghi, hi_in)};
 }
 
