@@ -422,7 +422,8 @@ __global__ void __launch_bounds__(THREADS, 2) igemm_mma(const Problem<T> P) {
 
 // Built when the extension is compiled for sm_90a.
 
-// Epilogue of the wgmma kernels: accumulators -> float32 tile in shared memory -> bias,
+// Epilogue of the wgmma kernels: waits for the last multiplies and copies (the stages' shared
+// memory is then reused), accumulators -> float32 tile in shared memory -> bias,
 // activation and 16-byte stores of 8 channels per thread. `row_out(r)` is where tile row r's
 // channels go (nullptr: nowhere). wgmma layout: warp w of a warpgroup holds rows
 // 16 w + lane / 4 (+ 8) of its 64, and of each 8-column block the columns 2 (lane % 4) (+ 1).
@@ -430,6 +431,11 @@ template <typename T, int BN, int MI, typename RowOut>
 __device__ __forceinline__ void wgmma_epilogue(const Problem<T>& P, float (&acc)[MI][BN / 2],
                                                float* tile, int n0, RowOut row_out) {
   constexpr int BM = 128 * MI, LDE = BN + 8;  // LDE: conflict-free float2 writes
+  sm90::wait<0>();
+#pragma unroll
+  for (int i = 0; i < MI; ++i) sm90::hold<BN / 2>(acc[i]);
+  cp_async_wait<0>();
+  __syncthreads();
   const int group = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < MI; ++i)
@@ -453,8 +459,9 @@ __device__ __forceinline__ void wgmma_epilogue(const Problem<T>& P, float (&acc)
 // Generic wgmma kernel. Two warpgroups; warpgroup g multiplies rows
 // [g * 64 * MI, (g + 1) * 64 * MI) of the BM = 128 * MI row tile by the BN-wide column tile,
 // both operands read by wgmma straight from 128-byte-swizzled shared memory (no register
-// fragments). The cp.async gather is the WMMA kernel's; a stage is refilled two iterations
-// after it was multiplied, so one multiply stays in flight while the next one is issued.
+// fragments). Each thread's tile rows are resolved once (ResolvedRows); a stage is refilled
+// two iterations after it was multiplied, so one multiply stays in flight while the next one
+// is issued.
 template <int BN, int MI, int STAGES_>
 struct WgmmaTile {
   static constexpr int BM = 128 * MI, STAGES = STAGES_;
@@ -521,12 +528,6 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
     cp_async_commit();
     sm90::wait<1>();  // the multiply of stage kt - 1 is done (this warpgroup)
   }
-  sm90::wait<0>();
-#pragma unroll
-  for (int i = 0; i < MI; ++i) sm90::hold<BN / 2>(acc[i]);
-  cp_async_wait<0>();
-  __syncthreads();
-
   wgmma_epilogue<T, BN, MI>(P, acc, reinterpret_cast<float*>(base), n0, [&](int r) -> T* {
     const int m = m0 + r;
     if (m >= P.M) return nullptr;
@@ -672,11 +673,6 @@ __global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, in
     cp_async_commit();
     sm90::wait<1>();
   }
-  sm90::wait<0>();
-#pragma unroll
-  for (int i = 0; i < MI; ++i) sm90::hold<BN / 2>(acc[i]);
-  cp_async_wait<0>();
-  __syncthreads();
   wgmma_epilogue<T, BN, MI>(P, acc, reinterpret_cast<float*>(smem_raw), n0, [&](int r) -> T* {
     const int q = q0 + r;
     if (q >= Mpad) return nullptr;
@@ -1013,11 +1009,6 @@ bool strictly(const at::Tensor& t, at::MemoryFormat format) {
          t.size(2) * t.size(3) * t.size(4) <= INT32_MAX;
 }
 
-at::Tensor channels_last(const at::Tensor& t) {
-  if (strictly(t, at::MemoryFormat::Contiguous)) return transposed(t, t.size(1), true);
-  return t.contiguous(at::MemoryFormat::ChannelsLast3d);
-}
-
 // A channels-last result in `format`.
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
   if (format == at::MemoryFormat::Contiguous && strictly(t, at::MemoryFormat::ChannelsLast3d))
@@ -1033,9 +1024,8 @@ int64_t lanes(int64_t channels, const at::Tensor& t) {
 
 // Channels-last (N, C, D, H, W) with C zero-padded to `channels`.
 at::Tensor channels_last(const at::Tensor& t, int64_t channels) {
-  if (t.size(1) != channels && strictly(t, at::MemoryFormat::Contiguous))
-    return transposed(t, channels, true);
-  const at::Tensor cl = channels_last(t);
+  if (strictly(t, at::MemoryFormat::Contiguous)) return transposed(t, channels, true);
+  const at::Tensor cl = t.contiguous(at::MemoryFormat::ChannelsLast3d);
   if (t.size(1) == channels) return cl;
   const at::Tensor ndhwc = cl.permute({0, 2, 3, 4, 1});
   return at::constant_pad_nd(ndhwc, {0, channels - t.size(1)}).permute({0, 4, 1, 2, 3});
