@@ -22,6 +22,8 @@ CASES = [
     (2, 40, 16, (3, 33, 31), 3, 1, True, True, None),
     (2, 1, 40, (6, 10, 12), 3, 2, True, True, "relu"),  # few input channels: direct kernel
     (1, 2, 8, (5, 5, 5), 1, 1, False, False, "leaky_relu"),
+    (1, 128, 40, (5, 9, 7), 3, 2, True, True, "relu"),  # 2 channel blocks: near step order
+    (2, 64, 24, (3, 5, 9), 1, 1, False, False, None),
 ]
 
 
@@ -89,8 +91,9 @@ def test_large_layer_bf16() -> None:
     assert _rel(y, ref) < BOUND[torch.bfloat16]
 
 
-@pytest.mark.parametrize("kernel", ["wmma", "wgmma", "wgmma256", "strip", "strip32"])
-@pytest.mark.parametrize(("c", "cout"), [(32, 32), (64, 64), (64, 136), (32, 100)])
+@pytest.mark.parametrize("kernel", ["wmma", "wgmma", "wgmma256", "wgmma-l1", "wgmma256-l1",
+                                    "strip", "strip32"])
+@pytest.mark.parametrize(("c", "cout"), [(32, 32), (64, 64), (64, 136), (32, 100), (128, 72)])
 def test_forward_kernel_variants(monkeypatch, kernel, c, cout) -> None:  # type: ignore[no-untyped-def]
     """Each forward kernel (on an H100/H200; elsewhere the one that runs) against the
     reference, with halos, bias and activation, sizes off the tiles."""

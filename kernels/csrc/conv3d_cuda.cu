@@ -193,10 +193,17 @@ __device__ __forceinline__ void store(const Problem<T>& P, int m, int col, float
 constexpr int BM = 128, BK = 64, STAGES = 3, THREADS = 256, LDS = BK + 8;
 constexpr int CHUNKS = BK / 8;  // 16-byte pieces per tile row
 
+// 16-byte copy global -> shared, zero-filled where !valid. L1: also keep the line in L1
+// (cp.async.ca) for loads that neighbouring steps read again; otherwise L2 only (.cg).
+template <bool L1 = false>
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0));
+  if constexpr (L1)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -300,6 +307,7 @@ struct ResolvedRows {
   }
 
   // One stage of A (this thread's chunk of every row at tap `tap`) into swizzled rows.
+  template <bool L1>
   __device__ __forceinline__ void load(const Problem<T>& P, const Tap& tap, T* As) const {
     const int chunk = threadIdx.x % CHUNKS;
     const bool live = tap.kd < P.k;  // past the reduction's end: zeros
@@ -309,9 +317,33 @@ struct ResolvedRows {
     for (int i = 0; i < ROWS; ++i) {
       const T* base = tap.kd == 0 ? at[i][0] : tap.kd == 1 ? at[i][1] : at[i][2];
       const bool ok = live && base && (inside[i] & bit);
-      cp_async16(As + SwizzledRows::at(threadIdx.x / CHUNKS + i * (THREADS / CHUNKS), chunk),
-                 ok ? base + offset : P.weight, ok);
+      cp_async16<L1>(As + SwizzledRows::at(threadIdx.x / CHUNKS + i * (THREADS / CHUNKS), chunk),
+                     ok ? base + offset : P.weight, ok);
     }
+  }
+};
+#endif
+
+#if defined(FEDMRI_SM90A)
+// Reduction steps of BK channels in (kd, channel block, kh, kw) order, for sources whose
+// channels are a multiple of BK. Consecutive steps then read nearly the same source rows
+// (shifted by one column for kw, one image row for kh), so with those loads kept in L1 most of
+// a step comes from L1 instead of L2. (The weights are not repacked: a step's B rows are the
+// BK channels of tap (kd, kh, kw) in the usual [kd][kh][kw][C] order.)
+struct NearWalk {
+  int kd = 0, cb = 0, kh = 0, kw = 0;
+  __device__ __forceinline__ Tap tap(int chunk8) const { return {kd, kh, kw, cb + chunk8}; }
+  template <typename T>
+  __device__ __forceinline__ int kk(const Problem<T>& P, int chunk8) const {
+    return ((kd * P.k + kh) * P.k + kw) * P.src.C + cb + chunk8;
+  }
+  template <typename T>
+  __device__ __forceinline__ void next(const Problem<T>& P) {
+    if (++kw < P.k) return;
+    kw = 0;
+    if (++kh < P.k) return;
+    kh = 0;
+    if ((cb += BK) == P.src.C) cb = 0, ++kd;
   }
 };
 #endif
@@ -470,7 +502,7 @@ struct WgmmaTile {
   static_assert(BM * (BN + 8) * 4 <= STAGES * STAGE * 2, "epilogue tile must fit the stages");
 };
 
-template <typename T, int BN, int MI, int STAGES>
+template <typename T, int BN, int MI, int STAGES, bool NEAR>
 __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tile = WgmmaTile<BN, MI, STAGES>;
@@ -493,14 +525,22 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
 
   ResolvedRows<T, BM / (THREADS / CHUNKS)> rows;
   rows.resolve(P, m0);
-  Tap tap = tap_of(P, (threadIdx.x % CHUNKS) * 8);
+  const int chunk8 = (threadIdx.x % CHUNKS) * 8;
+  Tap tap = tap_of(P, chunk8);
   const int tiles = (P.K + BK - 1) / BK;
-  int kk = (threadIdx.x % CHUNKS) * 8;  // this thread's reduction index in the next stage
+  int kk = chunk8;  // this thread's reduction index in the next stage
+  NearWalk near;    // NEAR: the step order instead of kk
   auto load = [&](int slot) {
-    rows.load(P, tap, A(slot));
-    advance(P, tap, BK);
-    load_weights<T, BN, SwizzledRows>(P, B(slot), n0, kk);
-    kk += BK;
+    if constexpr (NEAR) {
+      rows.template load<true>(P, near.tap(chunk8), A(slot));
+      load_weights<T, BN, SwizzledRows>(P, B(slot), n0, near.kk(P, chunk8));
+      near.next(P);
+    } else {
+      rows.template load<false>(P, tap, A(slot));
+      advance(P, tap, BK);
+      load_weights<T, BN, SwizzledRows>(P, B(slot), n0, kk);
+      kk += BK;
+    }
   };
 #pragma unroll
   for (int st = 0; st < STAGES - 2; ++st) {
@@ -1071,7 +1111,8 @@ void launch_mma(const Problem<T>& P, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Which forward kernel: FEDMRI_CONV3D_KERNEL = wmma | wgmma | wgmma256 | strip | strip32
+// Which forward kernel: FEDMRI_CONV3D_KERNEL = wmma | wgmma | wgmma256 | wgmma-l1 |
+// wgmma256-l1 | strip | strip32 (-l1: steps in NearWalk order, source loads kept in L1)
 // forces one (tests and tuning; one that cannot take the layer falls back); unset = auto.
 std::string forced_kernel() {
   const char* knob = std::getenv("FEDMRI_CONV3D_KERNEL");
@@ -1079,12 +1120,18 @@ std::string forced_kernel() {
 }
 
 #if defined(FEDMRI_SM90A)
-template <typename T, int BN, int MI, int STAGES>
+template <typename T, int BN, int MI, int STAGES, bool NEAR = false>
 void launch_wgmma(const Problem<T>& P, cudaStream_t stream) {
   using Tile = WgmmaTile<BN, MI, STAGES>;
-  auto kernel = igemm_wgmma<T, BN, MI, STAGES>;
+  auto kernel = igemm_wgmma<T, BN, MI, STAGES, NEAR>;
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::SMEM));
+  if (NEAR) {  // the smallest shared-memory carve-out that holds the tile: the rest is L1
+    const int per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
+    const int percent = ((Tile::SMEM + 1024) * 100 + per_sm - 1) / per_sm;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
+  }
   const dim3 grid((P.M + Tile::BM - 1) / Tile::BM, (P.cols + BN - 1) / BN);
   kernel<<<grid, THREADS, Tile::SMEM, stream>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1108,11 +1155,11 @@ bool run_sm90(const Problem<T>& P, cudaStream_t stream) {
   const std::string force = forced_kernel();
   if (prop->major != 9 || prop->minor != 0 || force == "wmma") return false;
   const int bn = P.cols <= 32 ? 32 : P.cols <= 64 ? 64 : 128;
-  // The strip kernel (k = 3, stride 1) for up to 64 result channels (for 128 its stages fit
-  // only 32 channels deep, and it measured slower than the generic kernel).
+  // The strip kernel (k = 3, stride 1) for up to 32 result channels; from 64 on the generic
+  // kernel measured faster (H200, 64->64 @64^3: 213 vs 188 TFLOP/s with 256-row tiles).
   const bool strip_fits = P.k == 3 && P.s == 1 && P.src.C % 32 == 0;
   const bool strip32 = force == "strip32";
-  if (strip_fits && (force == "strip" || strip32 || (force.empty() && P.cols <= 64))) {
+  if (strip_fits && (force == "strip" || strip32 || (force.empty() && P.cols <= 32))) {
     const int Mpad = P.M / P.dst.W * (P.dst.W + 2);
     // 64 channels a stage where they divide, except for 64 columns: there 32 channels with
     // 6 stages measured faster than 64 with 3 (H200, 64->64 @64^3).
@@ -1125,9 +1172,26 @@ bool run_sm90(const Problem<T>& P, cudaStream_t stream) {
   }
   // Generic wgmma: row tile 256 when that still gives every SM a tile, else 128.
   const int64_t big_tiles = (P.M + 255) / 256 * ((P.cols + bn - 1) / bn);
-  const bool rows256 = force == "wgmma256" ||
-                       (force != "wgmma" && big_tiles >= prop->multiProcessorCount);
-  if (bn == 32) {
+  const bool rows256 = force == "wgmma256" || force == "wgmma256-l1" ||
+                       (force.rfind("wgmma", 0) != 0 && big_tiles >= prop->multiProcessorCount);
+  // Steps in near order with L1-cached source loads where the channels allow ("-l1" knobs),
+  // except for 256 x 128 tiles, where it measured slower (H200, fp16 128->128 @32^3: 332 vs
+  // 350 TFLOP/s; 64->64 @64^3 233 vs 223, 256->256 @16^3 319 vs 307).
+  const bool l1_knob = force.size() > 3 && force.compare(force.size() - 3, 3, "-l1") == 0;
+  const bool near =
+      P.src.C % BK == 0 && (l1_knob || (force.empty() && !(rows256 && bn == 128)));
+  if (near) {
+    if (bn == 32) {
+      rows256 ? launch_wgmma<T, 32, 2, 4, true>(P, stream)
+              : launch_wgmma<T, 32, 1, 6, true>(P, stream);
+    } else if (bn == 64) {
+      rows256 ? launch_wgmma<T, 64, 2, 4, true>(P, stream)
+              : launch_wgmma<T, 64, 1, 6, true>(P, stream);
+    } else {
+      rows256 ? launch_wgmma<T, 128, 2, 4, true>(P, stream)
+              : launch_wgmma<T, 128, 1, 6, true>(P, stream);
+    }
+  } else if (bn == 32) {
     rows256 ? launch_wgmma<T, 32, 2, 5>(P, stream) : launch_wgmma<T, 32, 1, 6>(P, stream);
   } else if (bn == 64) {
     rows256 ? launch_wgmma<T, 64, 2, 5>(P, stream) : launch_wgmma<T, 64, 1, 6>(P, stream);
