@@ -72,7 +72,6 @@ def test_low_precision_within_bound(case, dtype) -> None:  # type: ignore[no-unt
         assert rel_err(ours[name], g) < 4 * bound, name
 
 
-
 def test_halos_are_used_not_zero_padding() -> None:
     t = make_inputs(1, 2, 3, (4, 5, 5), 3, True, True, torch.float64)
     with_halos = _ours(t, 1, None)

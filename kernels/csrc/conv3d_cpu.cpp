@@ -97,7 +97,6 @@ void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Plane
   });
 }
 
-
 // im2col of sample n's output planes [d0, d1), reading x and its halos in place.
 template <typename T>
 void im2col_sample(const Geometry& g, const at::Tensor& x, const std::optional<at::Tensor>& lo,

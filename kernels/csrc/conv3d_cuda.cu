@@ -322,9 +322,7 @@ struct ResolvedRows {
     }
   }
 };
-#endif
 
-#if defined(FEDMRI_SM90A)
 // Reduction steps of BK channels in (kd, channel block, kh, kw) order, for sources whose
 // channels are a multiple of BK. Consecutive steps then read nearly the same source rows
 // (shifted by one column for kw, one image row for kh), so with those loads kept in L1 most of
@@ -488,12 +486,41 @@ __device__ __forceinline__ void wgmma_epilogue(const Problem<T>& P, float (&acc)
   }
 }
 
+// The wgmma kernels' main loop over `steps` reduction steps in a ring of STAGES shared-memory
+// stages: load(slot) gathers the next step into a slot; multiply(slot) issues and commits this
+// warpgroup's multiplies of one. A slot is refilled two steps after it was multiplied, so one
+// multiply stays in flight while the next one is issued.
+template <int STAGES, typename Load, typename Multiply>
+__device__ __forceinline__ void wgmma_pipeline(int steps, Load& load, Multiply multiply) {
+#pragma unroll
+  for (int st = 0; st < STAGES - 2; ++st) {
+    if (st < steps) load(st);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<STAGES - 3>();
+    sm90::fence_proxy();
+    __syncthreads();  // this step has landed; every warpgroup is done with step - 2
+    multiply(step % STAGES);
+    const int next = step + STAGES - 2;
+    if (next < steps) load(next % STAGES);
+    cp_async_commit();
+    sm90::wait<1>();  // this warpgroup's multiply of step - 1 is done
+  }
+}
+
+template <int MI, int N>
+__device__ __forceinline__ void zero(float (&acc)[MI][N]) {
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[i][j] = 0.f;
+}
+
 // Generic wgmma kernel. Two warpgroups; warpgroup g multiplies rows
 // [g * 64 * MI, (g + 1) * 64 * MI) of the BM = 128 * MI row tile by the BN-wide column tile,
 // both operands read by wgmma straight from 128-byte-swizzled shared memory (no register
-// fragments). Each thread's tile rows are resolved once (ResolvedRows); a stage is refilled
-// two iterations after it was multiplied, so one multiply stays in flight while the next one
-// is issued.
+// fragments). Each thread's tile rows are resolved once (ResolvedRows).
 template <int BN, int MI, int STAGES_>
 struct WgmmaTile {
   static constexpr int BM = 128 * MI, STAGES = STAGES_;
@@ -518,10 +545,7 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
   const int group = threadIdx.x / 128;
 
   float acc[MI][BN / 2];
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.f;
+  zero(acc);
 
   ResolvedRows<T, BM / (THREADS / CHUNKS)> rows;
   rows.resolve(P, m0);
@@ -542,16 +566,7 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
       kk += BK;
     }
   };
-#pragma unroll
-  for (int st = 0; st < STAGES - 2; ++st) {
-    if (st < tiles) load(st);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < tiles; ++kt) {
-    cp_async_wait<STAGES - 3>();
-    sm90::fence_proxy();
-    __syncthreads();  // stage kt has landed; every warpgroup is done with stage kt - 2
-    const int slot = kt % STAGES;
+  wgmma_pipeline<STAGES>(tiles, load, [&](int slot) {
     // Descriptors' low bits are addresses in 16-byte units: offsets are compile-time adds.
     const uint64_t da =
         sm90::descriptor(smem_addr + (slot * Tile::STAGE + group * MI * 64 * BK) * 2);
@@ -563,11 +578,7 @@ __global__ void __launch_bounds__(THREADS, 1) igemm_wgmma(const Problem<T> P) {
       for (int i = 0; i < MI; ++i)
         sm90::mma<BN, T>(acc[i], da + (i * 64 * BK * 2 + k * 32) / 16, db + k * 32 / 16);
     sm90::commit();
-    const int next = kt + STAGES - 2;
-    if (next < tiles) load(next % STAGES);
-    cp_async_commit();
-    sm90::wait<1>();  // the multiply of stage kt - 1 is done (this warpgroup)
-  }
+  });
   wgmma_epilogue<T, BN, MI>(P, acc, reinterpret_cast<float*>(base), n0, [&](int r) -> T* {
     const int m = m0 + r;
     if (m >= P.M) return nullptr;
@@ -680,22 +691,11 @@ __global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, in
   };
 
   float acc[MI][BN / 2];
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.f;
-#pragma unroll
-  for (int st = 0; st < STAGES - 2; ++st) {
-    if (st < steps) load(st);
-    cp_async_commit();
-  }
-  for (int step = 0; step < steps; ++step) {
-    cp_async_wait<STAGES - 3>();
-    sm90::fence_proxy();
-    __syncthreads();  // this stage has landed; every warpgroup is done with step - 2
+  zero(acc);
+  wgmma_pipeline<STAGES>(steps, load, [&](int slot) {
     // A descriptor's low bits are the address in 16-byte units, so moving within the stage
     // is adding a compile-time count of 16-byte rows to the stage's two base descriptors.
-    const uint32_t a = smem_addr + (step % STAGES) * Tile::STAGE * 2, b = a + Tile::A * 2;
+    const uint32_t a = smem_addr + slot * Tile::STAGE * 2, b = a + Tile::A * 2;
     const uint64_t da = sm90::descriptor_plain(a + group * MI * 64 * 16, Tile::PA * 16);
     const uint64_t db = sm90::descriptor_plain(b, Tile::PB * 16);
     sm90::fence();
@@ -708,11 +708,7 @@ __global__ void __launch_bounds__(THREADS, 1) strip_wgmma(const Problem<T> P, in
           sm90::mma<BN, T>(acc[i], da + 2 * k * Tile::PA + i * 64 + kw,
                            db + (kw * CH + 2 * k) * Tile::PB);
     sm90::commit();
-    const int next = step + STAGES - 2;
-    if (next < steps) load(next % STAGES);
-    cp_async_commit();
-    sm90::wait<1>();
-  }
+  });
   wgmma_epilogue<T, BN, MI>(P, acc, reinterpret_cast<float*>(smem_raw), n0, [&](int r) -> T* {
     const int q = q0 + r;
     if (q >= Mpad) return nullptr;
