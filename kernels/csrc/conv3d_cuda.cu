@@ -1133,6 +1133,22 @@ void launch_wgmma(const Problem<T>& P, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The generic wgmma kernel for `bn` (32, 64 or 128) columns: 128-row tiles in 6 stages,
+// 256-row tiles in 5 (4 for 128 columns, and 4 in near order).
+template <typename T, bool NEAR>
+void launch_generic(const Problem<T>& P, int bn, bool rows256, cudaStream_t stream) {
+  constexpr int S256 = NEAR ? 4 : 5;
+  if (bn == 32)
+    rows256 ? launch_wgmma<T, 32, 2, S256, NEAR>(P, stream)
+            : launch_wgmma<T, 32, 1, 6, NEAR>(P, stream);
+  else if (bn == 64)
+    rows256 ? launch_wgmma<T, 64, 2, S256, NEAR>(P, stream)
+            : launch_wgmma<T, 64, 1, 6, NEAR>(P, stream);
+  else
+    rows256 ? launch_wgmma<T, 128, 2, 4, NEAR>(P, stream)
+            : launch_wgmma<T, 128, 1, 6, NEAR>(P, stream);
+}
+
 template <typename T, int BN, int BK>
 void launch_strip(const Problem<T>& P, int Mpad, cudaStream_t stream) {
   using Tile = StripTile<BN, BK>;
@@ -1176,24 +1192,8 @@ bool run_sm90(const Problem<T>& P, cudaStream_t stream) {
   const bool l1_knob = force.size() > 3 && force.compare(force.size() - 3, 3, "-l1") == 0;
   const bool near =
       P.src.C % BK == 0 && (l1_knob || (force.empty() && !(rows256 && bn == 128)));
-  if (near) {
-    if (bn == 32) {
-      rows256 ? launch_wgmma<T, 32, 2, 4, true>(P, stream)
-              : launch_wgmma<T, 32, 1, 6, true>(P, stream);
-    } else if (bn == 64) {
-      rows256 ? launch_wgmma<T, 64, 2, 4, true>(P, stream)
-              : launch_wgmma<T, 64, 1, 6, true>(P, stream);
-    } else {
-      rows256 ? launch_wgmma<T, 128, 2, 4, true>(P, stream)
-              : launch_wgmma<T, 128, 1, 6, true>(P, stream);
-    }
-  } else if (bn == 32) {
-    rows256 ? launch_wgmma<T, 32, 2, 5>(P, stream) : launch_wgmma<T, 32, 1, 6>(P, stream);
-  } else if (bn == 64) {
-    rows256 ? launch_wgmma<T, 64, 2, 5>(P, stream) : launch_wgmma<T, 64, 1, 6>(P, stream);
-  } else {
-    rows256 ? launch_wgmma<T, 128, 2, 4>(P, stream) : launch_wgmma<T, 128, 1, 6>(P, stream);
-  }
+  near ? launch_generic<T, true>(P, bn, rows256, stream)
+       : launch_generic<T, false>(P, bn, rows256, stream);
   return true;
 }
 #endif
