@@ -1,8 +1,8 @@
 """The hospital's Flower ClientApp: trains and evaluates on the data folder of its node config.
 
-Node config (set by the SuperNode operator): `hospital` (name), `data-path` (DICOM folder),
-optional `threads` (torch CPU threads); for secure aggregation also `identity-key`,
-`pinned-keys` and `state-dir` (see fedmri.client.secure_client).
+Node config (set by the SuperNode operator): fedmri.proto.node_config.NodeConfig, read once
+per message (the hospital's name, its DICOM folder, threads; for secure aggregation its
+identity key, the pinned keys and a state folder, see fedmri.client.secure_client).
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmri.client import secure_client
-from fedmri.common import wire
 from fedmri.common.config import RunConfig
+from fedmri.proto import wire
+from fedmri.proto.node_config import NodeConfig
 
 if TYPE_CHECKING:
     import torch
@@ -32,29 +32,23 @@ app = ClientApp()
 log = logging.getLogger("fedmri.client")
 
 
-def _hospital(context: Context) -> str:
-    return str(context.node_config.get(wire.HOSPITAL, f"node-{context.node_id}"))
-
-
 def _setup(msg: Message, context: Context) -> tuple[str, RunConfig, torch.nn.Module, HospitalData,
                                                     float]:
-    hospital = _hospital(context)
-    if "data-path" not in context.node_config:
-        raise ValueError(f"hospital {hospital}: node config has no 'data-path'")
+    node = NodeConfig.from_context(context)
+    data_path = node.require("data_path", "training")
     import torch
 
     from fedmri.client.hospital_data import load_hospital
     from fedmri.common.models import build_model
 
-    threads = int(context.node_config.get("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if node.threads > 0:
+        torch.set_num_threads(node.threads)
     cfg = RunConfig.from_dict(dict(msg.content.config_records[wire.CONFIG]))
     start = time.perf_counter()
-    data = load_hospital(Path(str(context.node_config["data-path"])), cfg)
+    data = load_hospital(data_path, cfg)
     model = build_model(cfg)
     model.load_state_dict(msg.content.array_records[wire.ARRAYS].to_torch_state_dict())
-    return hospital, cfg, model, data, time.perf_counter() - start
+    return node.hospital, cfg, model, data, time.perf_counter() - start
 
 
 def _val_metrics(model: torch.nn.Module, data: HospitalData, cfg: RunConfig
@@ -85,11 +79,11 @@ def train(msg: Message, context: Context) -> Message:
     log.info("event=trained hospital=%s round=%d loss=%.4f seconds=%.1f", hospital, rnd,
              result.loss, result.seconds)
     reply = RecordDict({wire.METRICS: MetricRecord(metrics),
-                        wire.INFO: ConfigRecord({wire.HOSPITAL: hospital})})
+                        wire.INFO: ConfigRecord({wire.INFO_HOSPITAL: hospital})})
     if secure_client.is_secure(msg):
         # Only the masked, quantized update leaves the hospital, never the weights.
         update = flatten_update(model.state_dict(), global_state)
-        for name, record in secure_client.mask(msg, context, hospital, update,
+        for name, record in secure_client.mask(msg, NodeConfig.from_context(context), update,
                                                len(data.train)).items():
             reply[name] = record
     else:
@@ -100,12 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def secure_step(msg: Message, context: Context) -> Message:
     """Secure-aggregation steps that carry no training: advertise keys, reveal for unmask."""
-    stage = secure_client.stage_of(msg)
-    if stage == wire.STAGE_ADVERTISE:
-        return secure_client.advertise(msg, context, _hospital(context))
-    if stage == wire.STAGE_UNMASK:
-        return secure_client.unmask(msg, context, _hospital(context))
-    raise ValueError(f"hospital {_hospital(context)}: unknown secure-aggregation stage {stage!r}")
+    return secure_client.query_step(msg, NodeConfig.from_context(context))
 
 
 @app.evaluate()
@@ -114,5 +103,5 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics = _val_metrics(model, data, cfg)
     metrics[wire.LOAD_SECONDS] = load_s
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
-                               wire.INFO: ConfigRecord({wire.HOSPITAL: hospital})}),
+                               wire.INFO: ConfigRecord({wire.INFO_HOSPITAL: hospital})}),
                    reply_to=msg)

@@ -1,11 +1,10 @@
 """Training cases from a hospital's data folder: accepted DICOM series plus their labels.
 
 Layout the trainer expects: each series in its own folder, with the segmentation beside
-it as ``label.nii.gz`` on the same grid as the series (written by
-`fedmri.common.dicom_write.write_label_nifti`: array in (slice, row, col) order, RAS
-affine). Every case is resampled onto the model grid (`geometry.model_grid`: size^3
-isotropic voxels over fov_mm, centred on the series, axes aligned with the patient) so all
-acquisition orientations land in the same frame.
+it as ``label.nii.gz`` on the same grid as the series (format: `fedmri.client.labels`,
+array in (slice, row, col) order, RAS affine). Every case is resampled onto the model grid
+(`geometry.model_grid`: size^3 isotropic voxels over fov_mm, centred on the series, axes
+aligned with the patient) so all acquisition orientations land in the same frame.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmri.client.dicom import SeriesResult, scan
-from fedmri.common.dicom_write import read_label_nifti
+from fedmri.client.labels import read_label_nifti
 from fedmri.common.geometry import Volume, model_grid, resample
 
 __all__ = ["LABEL_NAME", "Case", "load_cases", "normalize_intensity", "split_cases"]
@@ -64,7 +63,7 @@ def _case(
     if not label_path.is_file():
         return None, (
             f"no {LABEL_NAME} in {result.path}: put the segmentation of this series there "
-            "(same grid as the series, see fedmri.common.dicom_write.write_label_nifti)"
+            "(same grid as the series, see fedmri.client.labels)"
         )
     try:
         label_array, label_affine = read_label_nifti(label_path)

@@ -19,9 +19,16 @@ from typing import Any
 from fedmri.client.hospital_data import HospitalData, load_hospital
 from fedmri.client.trainer import EvalResult, evaluate, predict, train_local
 from fedmri.common.checkpoint import save_json, save_model
-from fedmri.common.config import RunConfig
+from fedmri.common.config import (
+    FEDERATION_ONLY,
+    RunConfig,
+    add_run_config_args,
+    run_config_from_args,
+)
 from fedmri.common.layout import TEST_SITE, hospital_dirs
 from fedmri.common.models import build_model, load_model
+from fedmri.proto import files
+from fedmri.proto.report import HospitalRound, RoundRecord
 
 
 def run_baseline(data: Path, out: Path, cfg: RunConfig, hospitals: int,
@@ -41,21 +48,19 @@ def run_baseline(data: Path, out: Path, cfg: RunConfig, hospitals: int,
                              seed=cfg.seed + 1000 * rnd)
         scores = {name: evaluate(model, d.val, cfg) for name, d in by_name.items()}
         n_val = sum(len(d.val) for d in by_name.values())
-        rounds.append({
-            "round": rnd, "seconds": result.seconds, "train_seconds": result.seconds,
-            "aggregate_seconds": 0.0, "comm_seconds": 0.0, "bytes_up": 0, "bytes_down": 0,
-            "global_val_dice": sum(s.dice * len(by_name[n].val) for n, s in scores.items())
-            / n_val,
-            "hospitals": {
-                name: {"train_loss": result.loss if (local in (None, name)) else None,
-                       "num_examples": len(by_name[name].train), "val_dice": s.dice}
-                for name, s in scores.items()},
-        })
+        record = RoundRecord(
+            round=rnd, seconds=result.seconds, train_seconds=result.seconds,
+            global_val_dice=sum(s.dice * len(by_name[n].val) for n, s in scores.items()) / n_val,
+            hospitals={name: HospitalRound(
+                num_examples=len(by_name[name].train),
+                train_loss=result.loss if local in (None, name) else None,
+                val_dice=s.dice, val_loss=s.loss) for name, s in scores.items()})
+        rounds.append(record.to_dict())
         print(f"round {rnd}: loss {result.loss:.3f}, global validation Dice "
-              f"{rounds[-1]['global_val_dice']:.3f}", flush=True)
+              f"{record.global_val_dice:.3f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(out / "global_model.pt", model.state_dict(), cfg.to_dict())
-    test = score_site(out / "global_model.pt", data / TEST_SITE, out / "sample.png")
+    save_model(out / files.GLOBAL_MODEL, model.state_dict(), cfg.to_dict())
+    test = score_site(out / files.GLOBAL_MODEL, data / TEST_SITE, out / files.SAMPLE)
     report = {
         "config": {**cfg.to_dict(), "mode": f"local:{local}" if local else "central",
                    "hospitals": list(by_name), "data": str(data)},
@@ -64,7 +69,7 @@ def run_baseline(data: Path, out: Path, cfg: RunConfig, hospitals: int,
         "test_dice_per_class": test["per_class"],
         "seconds": {"total": time.perf_counter() - started},
     }
-    save_json(out / "report.json", report)
+    save_json(out / files.REPORT, report)
     return report
 
 
@@ -84,17 +89,6 @@ def score_site(model_path: Path, site: Path, sample_png: Path | None) -> dict[st
             "cases": len(cases), "site": str(site), "rejected": data.rejected}
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    d = RunConfig()
-    parser.add_argument("--rounds", type=int, default=d.rounds)
-    parser.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    parser.add_argument("--size", type=int, default=d.size)
-    parser.add_argument("--model", default=d.model)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--conv-backend", choices=["fedmri", "aten"], default=d.conv_backend,
-                        help="3D convolutions on fedmri.kernels or on ATen")
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fedmri train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,18 +98,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path, required=True, help="cohort folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--hospitals", type=int, default=3)
-    _config_args(parser)
+    add_run_config_args(parser, skip=FEDERATION_ONLY)
     args = parser.parse_args(argv)
     try:
-        cfg = RunConfig(model=args.model, size=args.size, rounds=args.rounds,
-                        local_epochs=args.local_epochs, seed=args.seed,
-                        conv_backend=args.conv_backend)
-        cfg.validate()
+        cfg = run_config_from_args(args)
         report = run_baseline(args.data, args.out, cfg, args.hospitals, args.local)
     except (ValueError, FileNotFoundError) as err:
         print(f"train: {err}", file=sys.stderr)
         return 1
-    print(f"test-site Dice {report['test_dice']:.3f}; wrote {args.out}/report.json")
+    print(f"test-site Dice {report['test_dice']:.3f}; wrote {args.out}/{files.REPORT}")
     return 0
 
 

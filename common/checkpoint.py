@@ -13,12 +13,14 @@ if TYPE_CHECKING:
     import torch
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through `write` into a temp file beside `path`, fsync, then rename over it."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], mode: int = 0o600) -> None:
+    """Write through `write` into a temp file beside `path`, fsync, then rename over it.
+    The file gets `mode` before any byte is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -36,7 +38,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 def save_json(path: Path, data: Any) -> None:
     payload = json.dumps(data, indent=2).encode()
-    atomic_write(path, lambda fh: None if fh.write(payload) else None)
+    atomic_write(path, lambda fh: fh.write(payload))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Owner-readable only (0600), atomically: private keys and protocol state."""
+    atomic_write(path, lambda fh: fh.write(data), mode=0o600)
 
 
 def save_model(path: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any],

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+# LPS (DICOM) <-> RAS (NIfTI) is its own inverse: flip x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
 
 @dataclass
 class Volume:

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import psutil
 
 from fedmri.deploy.processes import Supervisor, executable, flower_env, free_port, wait_for_port
+from fedmri.proto.node_config import NodeConfig
+from fedmri.proto.typed_config import toml_value
 
 T = TypeVar("T")
 
@@ -39,30 +41,17 @@ class FlowerApp:
 class Deployment:
     home: Path  # FLWR_HOME: config.toml, tls/, app/
     workdir: Path  # where `flwr run` runs
-    nodes: Sequence[tuple[str, Mapping[str, Any]]]  # (SuperNode name, its node config)
+    nodes: Sequence[NodeConfig]  # one SuperNode each, named by its hospital
     tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
     timeout_s: float = 3600.0
     log_dir: Path | None = None  # default: workdir/logs
     app_exit_grace_s: float = 15.0  # for app processes still exiting after the outcome
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def node_config_arg(config: Mapping[str, Any]) -> str:
-    """A SuperNode's --node-config value: space-separated key=value pairs, TOML values."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
-
-
 def write_flower_app(app_dir: Path, app: FlowerApp) -> None:
     """A Flower App whose components come from the installed fedmri package."""
     app_dir.mkdir(parents=True, exist_ok=True)
-    config_lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in app.run_config.items())
+    config_lines = "\n".join(f"{k} = {toml_value(v)}" for k, v in app.run_config.items())
     (app_dir / "pyproject.toml").write_text(f"""\
 [build-system]
 requires = ["hatchling"]
@@ -107,7 +96,7 @@ def _tls_args(tls: bool, folder: Path) -> tuple[list[str], list[str], Path | Non
     """Command-line flags for the SuperLink and the SuperNodes, and the CA to trust."""
     if not tls:
         return ["--insecure"], ["--insecure"], None
-    from fedmri.common.tls import make_tls_files
+    from fedmri.deploy.tls import make_tls_files
 
     files = make_tls_files(folder)
     link = ["--ssl-certfile", str(files.server_cert), "--ssl-keyfile", str(files.server_key),
@@ -150,11 +139,11 @@ def run_deployment(dep: Deployment, app: FlowerApp, poll: Callable[[], T | None]
                                        "--disable-runtime-dependency-installation",
                                        "--port", str(port)], env=env)
         wait_for_port(port, 60, link, "flower-superlink")
-        for name, node_config in dep.nodes:
-            sup.start(f"supernode-{name}", [
+        for node in dep.nodes:
+            sup.start(f"supernode-{node.hospital}", [
                 executable("flower-supernode"), *node_tls,
                 "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                "--node-config", node_config_arg(node_config)], env=env)
+                "--node-config", node.to_node_config_arg()], env=env)
         runner = sup.start("flwr-run", [executable("flwr"), "run", str(dep.home / "app"),
                                         "fedmri", "--stream"], env=env, cwd=dep.workdir)
         deadline = time.monotonic() + dep.timeout_s

@@ -15,15 +15,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedmri.common.checkpoint import save_json
 from fedmri.common.config import RunConfig
-from fedmri.common.identity import enroll_hospitals, secure_node_config
 from fedmri.common.layout import TEST_SITE, hospital_dirs
 from fedmri.deploy.deployment import Deployment, FlowerApp, run_deployment
+from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
+from fedmri.proto import files
+from fedmri.proto.events import (
+    FINAL,
+    Event,
+    EventTail,
+    Failed,
+    HospitalFailed,
+    Resumed,
+    RoundDone,
+    RoundSkipped,
+    Validated,
+)
+from fedmri.proto.run_config import ServerSettings
 
 log = logging.getLogger("fedmri.deploy")
 
@@ -41,52 +54,38 @@ class SimulateOptions:
     tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
 
 
-class EventTail:
-    """Reads new lines of the ServerApp's events.jsonl as they appear."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open() as fh:
-            fh.seek(self.offset)
-            text = fh.read()
-        complete = text[: text.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-
-def describe(event: dict[str, Any]) -> str | None:
+def describe(event: Event) -> str | None:
     """One human line for a ServerApp event, or None for events not worth a line."""
-    kind = event.get("event")
-    if kind == "round_done":
-        losses = " ".join(f"{h}={v:.3f}" for h, v in event["train_loss"].items())
-        return (f"round {event['round']}: {event['seconds']:.1f}s, "
-                f"{event['hospitals']} hospitals, train loss {losses}")
-    if kind == "validated":
-        return f"round {event['round']}: global validation Dice {event['global_val_dice']:.3f}"
-    if kind in ("hospital_failed", "round_skipped", "failed", "resumed"):
-        return f"{kind}: {event.get('reason') or event.get('error') or event}"
+    if isinstance(event, RoundDone):
+        losses = " ".join(f"{h}={v:.3f}" for h, v in event.train_loss.items())
+        return (f"round {event.round}: {event.seconds:.1f}s, "
+                f"{event.hospitals} hospitals, train loss {losses}")
+    if isinstance(event, Validated):
+        return f"round {event.round}: global validation Dice {event.global_val_dice:.3f}"
+    if isinstance(event, (HospitalFailed, RoundSkipped)):
+        return f"{event.NAME}: round {event.round}: {event.reason}"
+    if isinstance(event, Failed):
+        return f"{event.NAME}: {event.error}"
+    if isinstance(event, Resumed):
+        return f"{event.NAME} after round {event.round}"
     return None
 
 
-def _default_printer(event: dict[str, Any]) -> None:
+def _default_printer(event: Event) -> None:
     line = describe(event)
     if line:
         print(line, flush=True)
 
 
 def run_simulation(opts: SimulateOptions,
-                   on_event: Callable[[dict[str, Any]], None] = _default_printer
+                   on_event: Callable[[Event], None] = _default_printer
                    ) -> dict[str, Any]:
     out = opts.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = opts.config
     started = time.perf_counter()
     data = (opts.data or out / "data").resolve()
-    if not (data / "cohort.json").exists():
+    if not (data / files.COHORT_MANIFEST).exists():
         from fedmri.deploy.cohort import generate_cohort
 
         print(f"writing synthetic cohort to {data} ...", file=sys.stderr, flush=True)
@@ -99,22 +98,22 @@ def run_simulation(opts: SimulateOptions,
 
     node_dir = out / ".flwr" / "nodes"
     pinned = enroll_hospitals(node_dir, [site.name for site in sites])
-    run_config = {**cfg.to_dict(), "out-dir": str(out), "min-nodes": len(sites),
-                  "node-wait-s": 300.0, "round-timeout-s": opts.timeout_s,
-                  "stage-timeout-s": opts.stage_timeout_s, "pinned-keys": str(pinned)}
+    settings = ServerSettings(out_dir=out, min_nodes=len(sites), node_wait_s=300.0,
+                              round_timeout_s=opts.timeout_s,
+                              stage_timeout_s=opts.stage_timeout_s, pinned_keys=pinned)
+    run_config = {**cfg.to_dict(), **settings.to_run_config()}
     threads = max(1, (os.cpu_count() or 1) // len(sites))
-    nodes = [(site.name, {"data-path": str(site), "threads": threads,
-                          **secure_node_config(node_dir, site.name, pinned)})
-             for site in sites]
-    for stale in ("events.jsonl", "server_state.json"):
+    nodes = [replace(enrolled_node(node_dir, site.name, pinned), data_path=site,
+                     threads=threads) for site in sites]
+    for stale in (files.EVENTS, files.SERVER_STATE):
         (out / stale).unlink(missing_ok=True)
-    tail = EventTail(out / "events.jsonl")
+    tail = EventTail(out / files.EVENTS)
 
-    def poll() -> dict[str, Any] | None:
+    def poll() -> Event | None:
         outcome = None
         for event in tail.read():
             on_event(event)
-            if event.get("event") in ("done", "failed"):
+            if isinstance(event, FINAL):
                 outcome = event
         return outcome
 
@@ -123,12 +122,12 @@ def run_simulation(opts: SimulateOptions,
         Deployment(home=out / ".flwr", workdir=out, nodes=nodes, tls=opts.tls,
                    timeout_s=opts.timeout_s),
         FlowerApp("fedmri.server.app:app", "fedmri.client.app:app", run_config), poll)
-    if outcome["event"] == "failed":
-        raise RuntimeError(f"the federation failed: {outcome['error']} (logs in {out / 'logs'})")
+    if isinstance(outcome, Failed):
+        raise RuntimeError(f"the federation failed: {outcome.error} (logs in {out / 'logs'})")
     fed_s = time.perf_counter() - fed_started
 
-    state = json.loads((out / "server_state.json").read_text())
-    test = evaluate_on_test_site(out / "global_model.pt", data / TEST_SITE, out / "sample.png")
+    state = json.loads((out / files.SERVER_STATE).read_text())
+    test = evaluate_on_test_site(out / files.GLOBAL_MODEL, data / TEST_SITE, out / files.SAMPLE)
     report = {
         "config": {**cfg.to_dict(), "mode": "fedavg", "hospitals": [s.name for s in sites],
                    "subjects": opts.subjects, "data": str(data), "cohort_seed": opts.seed},
@@ -138,10 +137,10 @@ def run_simulation(opts: SimulateOptions,
         "seconds": {"total": time.perf_counter() - started, "cohort": cohort_s,
                     "federation": fed_s},
     }
-    save_json(out / "report.json", report)
+    save_json(out / files.REPORT, report)
     from fedmri.deploy.plots import plot_curves
 
-    plot_curves(report, out / "curves.png")
+    plot_curves(report, out / files.CURVES)
     return report
 
 

@@ -6,7 +6,8 @@ contiguous and channels_last_3d inputs, on 3D U-Net layer shapes; the halo layer
 a 64-plane slab + 1 halo plane each side, bias + ReLU) against concatenate + cuDNN + ReLU;
 and the share of the device's measured bf16 matrix-product peak.
 CPU: ATen's conv3d against ours on every 3D convolution of the trainer's network at 64^3
-and 96^3, batch 1 and 2 (forward, and the two backward passes).
+and 96^3, batch 1 and 2 (forward, and the two backward passes). A whole training step of the
+trainer's network is `fedmri bench trainer`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedmri.common.config import RunConfig
 from fedmri.kernels.ops import conv3d, load
 
 GPU_SHAPES = [(1, 32, 128), (32, 32, 128), (64, 64, 64), (128, 128, 32), (256, 256, 16)]
 GPU_BATCH = 2
 HALO_LAYER = (32, 64, 128)  # channels, slab planes, height = width
+
+# Every 3D convolution the op computes in the trainer's network (MONAI UNet, channels 8-64,
+# fedmri.common.models): (in channels, out channels, kernel, stride, input downsampling),
+# its input being (in channels, size / downsampling ^ 3). tests/test_kernels_cpu.py checks the
+# table against the network, so it cannot drift.
+TRAINER_LAYERS: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 8, 3, 2, 1), (1, 8, 3, 2, 1), (8, 16, 3, 2, 2), (8, 16, 3, 2, 2), (16, 32, 3, 2, 4),
+    (16, 32, 3, 2, 4), (32, 64, 1, 1, 8), (32, 64, 3, 1, 8), (16, 16, 3, 1, 4), (8, 8, 3, 1, 2),
+    (3, 3, 3, 1, 1))
 
 
 def conv_flops(n: int, c: int, cout: int, out_voxels: int, k: int) -> float:
@@ -175,20 +184,9 @@ def _gpu_line(row: dict[str, Any]) -> str:
 
 
 def trainer_layers(size: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
-    """(input shape, weight shape, stride) of every eligible Conv3d of the trainer's network."""
-    from fedmri.common.models import build_model
-    from fedmri.kernels.layers import eligible
-
-    model = build_model(RunConfig(conv_backend="aten"))
-    seen: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
-    for module in model.modules():
-        if eligible(module):
-            module.register_forward_hook(
-                lambda m, inp, out: seen.append((tuple(inp[0].shape[1:]), tuple(m.weight.shape),
-                                                 m.stride[0])))
-    with torch.no_grad():
-        model(torch.randn(1, 1, size, size, size))
-    return seen
+    """(input shape, weight shape, stride) of TRAINER_LAYERS on a size^3 volume."""
+    return [((cin, *(size // down,) * 3), (cout, cin, k, k, k), stride)
+            for cin, cout, k, stride, down in TRAINER_LAYERS]
 
 
 def cpu_layer(shape: tuple[int, ...], wshape: tuple[int, ...], stride: int,
@@ -217,35 +215,8 @@ def cpu_network(size: int, batch: int) -> dict[str, Any]:
             "backward_speedup": totals["aten_backward_ms"] / totals["ours_backward_ms"]}
 
 
-def cpu_train_step(batch: int) -> dict[str, float]:
-    """One optimizer step of the trainer's network at its configured size, on ATen's
-    convolutions and on ours: what a hospital's CPU training runs."""
-    from fedmri.common.models import build_model
-
-    cfg = RunConfig()
-    x = torch.randn(batch, 1, cfg.size, cfg.size, cfg.size)
-    def stepper(backend: str) -> Callable[[], None]:
-        model = build_model(RunConfig(conv_backend=backend))
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def step() -> None:
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
-        return step
-
-    aten, ours = time_cpu_pair(stepper("aten"), stepper("fedmri"))
-    return {"aten_ms": aten, "fedmri_ms": ours, "speedup": aten / ours}
-
-
 def run_cpu(sizes: list[int]) -> dict[str, Any]:
     result: dict[str, Any] = {"threads": torch.get_num_threads()}
-    for batch in (1, 2):
-        step = cpu_train_step(batch)
-        result[f"train step batch {batch}"] = step
-        print(f"trainer step ({RunConfig().size}^3) batch {batch}: aten {step['aten_ms']:.0f} ms, "
-              f"fedmri {step['fedmri_ms']:.0f} ms (x{step['speedup']:.2f})",
-              file=sys.stderr, flush=True)
     for size in sizes:
         for batch in (1, 2):
             row = cpu_network(size, batch)

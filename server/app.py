@@ -1,21 +1,22 @@
 """The coordinator's Flower ServerApp.
 
-Run config (the Flower App's [tool.flwr.app.config], overridable with `flwr run -c`):
-every RunConfig field, plus `out-dir` (where checkpoints and events go), `min-nodes`,
-`node-wait-s`, `round-timeout-s`, `stage-timeout-s` and, for secure aggregation,
-`pinned-keys` (a JSON file of the enrolled hospitals' Ed25519 public keys).
+Run config (the Flower App's [tool.flwr.app.config], overridable with `flwr run -c`): every
+RunConfig field (fedmri.common.config) plus the ServerApp's settings
+(fedmri.proto.run_config.ServerSettings: out dir, min nodes, timeouts, pinned keys).
 """
 
 from __future__ import annotations
 
 import traceback
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmri.common.config import RunConfig
-from fedmri.server.federation import Federation, FederationSettings, event_file_sink
+from fedmri.proto import files
+from fedmri.proto.events import EventLog, Failed
+from fedmri.proto.run_config import ServerSettings
+from fedmri.server.federation import Federation
 
 app = ServerApp()
 
@@ -23,23 +24,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
-    out_dir = Path(str(run_config.get("out-dir", "fedmri-run")))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    emit = event_file_sink(out_dir)
+    settings = ServerSettings.from_run_config(run_config)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    emit = EventLog(settings.out_dir / files.EVENTS)
     try:
         cfg = RunConfig.from_dict(run_config)
-        pinned = str(run_config.get("pinned-keys", ""))
-        settings = FederationSettings(
-            out_dir=out_dir,
-            run_id=str(context.run_id),
-            pinned_keys=Path(pinned) if pinned else None,
-            min_nodes=int(run_config.get("min-nodes", 1)),
-            node_wait_s=float(run_config.get("node-wait-s", 300.0)),
-            round_timeout_s=float(run_config.get("round-timeout-s", 3600.0)),
-            stage_timeout_s=float(run_config.get("stage-timeout-s", 120.0)),
-        )
-        Federation(grid, cfg, settings, emit).run()
+        Federation(grid, cfg, settings, str(context.run_id), emit).run()
     except Exception as err:
-        emit({"event": "failed", "error": f"{type(err).__name__}: {err}",
-              "trace": traceback.format_exc(limit=5)})
+        emit(Failed(f"{type(err).__name__}: {err}", traceback.format_exc(limit=5)))
         raise

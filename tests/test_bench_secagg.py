@@ -14,13 +14,13 @@ import psutil
 import pytest
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from fedmri.common.bench_vectors import BenchCohort, parse_examples
-from fedmri.deploy.bench_secagg import missing_components, ratios
-from fedmri.server.bench_apps import (
+from fedmri.deploy.bench.secagg import missing_components, ratios
+from fedmri.deploy.bench.server_apps import (
     MODULUS,
     secaggplus_error_bound,
     secaggplus_settings,
 )
+from fedmri.deploy.bench.vectors import BenchCohort, parse_examples
 
 FEDMRI = [sys.executable, "-m", "fedmri.common.cli"]
 MEASURES = ("seconds_per_round", "client_cpu_s", "server_cpu_s", "upload_bytes_per_client",
@@ -36,7 +36,7 @@ def test_cohort_vectors_and_exact_mean() -> None:
                        rtol=0, atol=1e-15)
     again = BenchCohort.from_run_config(cohort.to_run_config())
     assert again == cohort
-    with pytest.raises(ValueError, match="node config 'index'"):
+    with pytest.raises(ValueError, match="outside 0..2"):
         cohort.vector(3)
 
 
@@ -61,10 +61,10 @@ def test_secaggplus_settings_are_valid_and_cannot_overflow(clients: int) -> None
 
 
 def test_components_that_do_not_exist_are_reported() -> None:
-    missing = missing_components(["fedmri.server.bench_apps:plain_app",
-                                  "fedmri.server.bench_apps:no_such_app",
+    apps = "fedmri.deploy.bench.server_apps"
+    missing = missing_components([f"{apps}:plain_app", f"{apps}:no_such_app",
                                   "fedmri.no_such_module:app"])
-    assert set(missing) == {"fedmri.server.bench_apps:no_such_app", "fedmri.no_such_module:app"}
+    assert set(missing) == {f"{apps}:no_such_app", "fedmri.no_such_module:app"}
 
 
 def test_ratios_need_both_sides() -> None:
@@ -103,20 +103,20 @@ def _tagged_processes(tag: str) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_bench_runs_plain_and_flower_secaggplus(tmp_path: Path) -> None:
+def test_bench_runs_plain_flower_secaggplus_and_ours(tmp_path: Path) -> None:
     clients, params = 3, 2000
     tag = uuid.uuid4().hex  # every process the bench starts inherits it
     env = {**os.environ, "FEDMRI_TEST_TAG": tag}
     out = tmp_path / "bench"
     done = subprocess.run([*FEDMRI, "bench", "secagg", "--clients", str(clients), "--params",
                            str(params), "--rounds", "1", "--examples", "500,1000,1500",
-                           "--variants", "plain,flower", "--out", str(out), "--json"],
+                           "--variants", "plain,flower,ours", "--out", str(out), "--json"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert set(result) == {"config", "plain", "flower", "ratios"}
+    assert set(result) == {"config", "plain", "flower", "ours", "ratios"}
     assert result["config"]["clients"] == clients and result["config"]["params"] == params
-    for name in ("plain", "flower"):
+    for name in ("plain", "flower", "ours"):
         variant = result[name]
         for key in MEASURES:
             assert isinstance(variant[key], float | int) and variant[key] >= 0, (name, key)
@@ -135,7 +135,12 @@ def test_bench_runs_plain_and_flower_secaggplus(tmp_path: Path) -> None:
         secaggplus_error_bound(cohort, secaggplus_settings(cohort)))
     assert 0 < flower["max_abs_error"] < bound  # quantized, so never exact, but bounded
     assert result["ratios"]["upload_flower_over_plain"] > 2
-    assert result["ratios"]["overhead_ours_over_flower"] is None
+    ours = result["ours"]
+    # Masked uint32 (4 bytes a parameter) plus shares and signed keys, in 3 messages.
+    assert 4 * params < ours["upload_bytes_per_client"] < 1.5 * 4 * params
+    assert ours["client_processes"] == 3 * clients  # advertise, mask, unmask (round 1)
+    assert 0 < ours["max_abs_error"] <= ours["details"]["error_bound"]
+    assert result["ratios"]["overhead_ours_over_flower"] is not None
     saved = json.loads((out / "bench-secagg.json").read_text())
     assert saved["flower"]["max_abs_error"] == flower["max_abs_error"]
     assert "running on https://127.0.0.1" in (out / "plain" / "logs" / "superlink.log").read_text()

@@ -5,14 +5,27 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
-from fedmri.common.dicom_write import read_label_nifti
-from fedmri.deploy import cohort, synth_cli
+from fedmri.client.labels import read_label_nifti
+from fedmri.deploy.cohort import PARTIAL, generate_cohort
+from fedmri.deploy.cohort import cli as synth_cli
+from fedmri.deploy.cohort.acquisition import synthesize
+from fedmri.deploy.cohort.profiles import (
+    PROFILE_FILE,
+    ProfileError,
+    default_profiles,
+    hospital_profile,
+    load_profiles,
+)
+from fedmri.deploy.cohort.subject import draw_subject
+from fedmri.deploy.cohort.template import load_template
 
 SEED = 3
 
@@ -71,7 +84,7 @@ def test_layout_and_manifest(made: tuple[Path, str]) -> None:
         ("test-site", "sub-001", "test-site-001"),
         ("test-site", "sub-002", "test-site-002"),
     ]
-    assert not (out / cohort.PARTIAL).exists()
+    assert not (out / PARTIAL).exists()
     for s in manifest["subjects"]:
         series = out / s["path"]
         assert (series / "label.nii.gz").is_file()
@@ -87,9 +100,9 @@ def test_layout_and_manifest(made: tuple[Path, str]) -> None:
 def test_same_seed_same_cohort_other_seed_differs(made: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = made
     again = tmp_path / "again"
-    cohort.generate_cohort(again, hospitals=1, subjects=2, seed=SEED)
+    generate_cohort(again, hospitals=1, subjects=2, seed=SEED)
     other = tmp_path / "other"
-    cohort.generate_cohort(other, hospitals=1, subjects=2, seed=SEED + 1)
+    generate_cohort(other, hospitals=1, subjects=2, seed=SEED + 1)
     assert (out / "cohort.json").read_bytes() == (again / "cohort.json").read_bytes()
     for site in ("hospital-1", "test-site"):
         first, second, third = (_series(root / site) for root in (out, again, other))
@@ -181,26 +194,26 @@ def test_sites_differ(made: tuple[Path, str]) -> None:
 def test_contrast_families_in_memory() -> None:
     """Inverted (T2-like) and FLAIR profiles put grey matter above white matter; every base
     profile and the test profile are distinct acquisitions."""
-    template = cohort.load_template()
-    for profile in (p for p in cohort.BASE_PROFILES if p.contrast in ("t2-fse", "flair")):
+    template = load_template()
+    shipped = default_profiles()
+    for profile in (p for p in shipped.training if p.contrast in ("t2-fse", "flair")):
         rng = np.random.default_rng(0)
-        volume, label = cohort.synthesize(
-            profile, cohort.draw_subject(profile, rng, template), template
-        )
+        volume, label = synthesize(profile, draw_subject(profile, rng, template), template)
         gm = float(np.median(volume.array[label == 1]))
         wm = float(np.median(volume.array[label == 2]))
         assert gm > 1.1 * wm, profile.name
     keys = {
         (p.contrast, p.orientation, p.matrix, p.pixel_mm, p.slice_mm, p.oblique_deg)
-        for p in (*cohort.BASE_PROFILES, cohort.TEST_PROFILE)
+        for p in (*shipped.training, shipped.test)
     }
-    assert len(keys) == len(cohort.BASE_PROFILES) + 1
-    # reused profiles (after the base ones) are changed, deterministically for the seed
-    reuse = len(cohort.BASE_PROFILES) + 1
-    again = cohort.hospital_profile(reuse, seed=0)
-    assert again != cohort.hospital_profile(1, seed=0)
-    assert again == cohort.hospital_profile(reuse, seed=0)
-    assert again != cohort.hospital_profile(reuse, seed=1)
+    assert len(keys) == len(shipped.training) + 1
+    # reused profiles (after the shipped ones) are changed, deterministically for the seed
+    reuse = len(shipped.training) + 1
+    again = hospital_profile(reuse, seed=0)
+    assert again != hospital_profile(1, seed=0)
+    assert again == hospital_profile(reuse, seed=0)
+    assert again != hospital_profile(reuse, seed=1)
+    assert again.name == f"{shipped.training[0].name}-v2"
 
 
 def test_cli_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,3 +230,106 @@ def test_cli_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--seed" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     assert (full / "notes.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- profile file
+
+_SHIPPED = (resources.files("fedmri.deploy.cohort") / PROFILE_FILE).read_text(encoding="utf-8")
+
+
+def _edited(tmp_path: Path, block: str, old: str, new: str) -> Path:
+    """The shipped profile file with line `old` of `block` (the line that opens a profile
+    or contrast) replaced by `new`, written to tmp_path."""
+    start = _SHIPPED.index(block + "\n")
+    at = _SHIPPED.index(old + "\n", start)
+    path = tmp_path / "profiles.toml"
+    path.write_text(_SHIPPED[:at] + new + _SHIPPED[at + len(old) :], encoding="utf-8")
+    return path
+
+
+def test_shipped_profile_file_loads() -> None:
+    shipped = load_profiles()
+    assert shipped == default_profiles()
+    assert [p.name for p in shipped.training][:2] == ["t1-mprage-axial", "t1-se-sagittal"]
+    assert shipped.test.name == "t1-coronal-oblique-lowfield"
+    assert shipped.training[1].signal.csf == 0.25  # [contrasts.t1-spin-echo]
+    assert shipped.test.to_dict()["spacing_mm"] == 5.0
+
+
+SE = 'name = "t1-se-sagittal"'
+TEST = 'name = "t1-coronal-oblique-lowfield"'
+PD = "[contrasts.pd]"
+
+
+@pytest.mark.parametrize(
+    ("block", "old", "new", "names"),
+    [
+        # a missing field
+        (SE, "noise = 0.03", "", ["'t1-se-sagittal' ([[training]] #2)", "'noise'", "missing"]),
+        # bad values
+        (
+            TEST,
+            "slice_mm = 4.0",
+            "slice_mm = -4.0",
+            ["'t1-coronal-oblique-lowfield' ([test])", "'slice_mm'", "> 0", "-4.0"],
+        ),
+        (SE, "slices = 36", "slices = true", ["'t1-se-sagittal'", "'slices'", "whole number"]),
+        (SE, "matrix = [144, 160]", "matrix = [144]", ["'t1-se-sagittal'", "'matrix'", "2"]),
+        (
+            SE,
+            "pixel_mm = [1.5, 1.5]",
+            "pixel_mm = [1.5, 0]",
+            ["'t1-se-sagittal'", "'pixel_mm'", "item 2"],
+        ),
+        (
+            SE,
+            'orientation = "sagittal"',
+            'orientation = "oblique"',
+            ["'t1-se-sagittal'", "'orientation'", "axial"],
+        ),
+        (SE, 'orientation = "sagittal"', "orientation = [1]", ["'orientation'", "[1]"]),
+        (
+            SE,
+            'contrast = "t1-spin-echo"',
+            'contrast = "t3"',
+            ["'t1-se-sagittal'", "'contrast'", "[contrasts.t3]"],
+        ),
+        (
+            SE,
+            "gap_mm = 0.5",
+            "gap_mm = 0.5\nslice_gap = 1.0",
+            ["'t1-se-sagittal'", "'slice_gap'", "unknown field"],
+        ),
+        (
+            SE,
+            'name = "t1-se-sagittal"',
+            'name = "t1-mprage-axial"',
+            ["'t1-mprage-axial' ([[training]] #2)", "'name'", "[[training]] #1 has the same"],
+        ),
+        (PD, "gm = 0.8", "gm = 1.8", ["contrast 'pd'", "'gm'", "between 0 and 1"]),
+        (PD, "wm = 0.62", "", ["contrast 'pd'", "'wm'", "missing"]),
+    ],
+)
+def test_profile_file_errors_name_file_profile_and_field(
+    tmp_path: Path, block: str, old: str, new: str, names: list[str]
+) -> None:
+    path = _edited(tmp_path, block, old, new)
+    with pytest.raises(ProfileError) as caught:
+        load_profiles(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: "), message
+    for name in names:
+        assert name in message, message
+
+
+def test_unreadable_profile_files(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profiles(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text(_SHIPPED.replace("\n[test]\n", "\n[test\n"), encoding="utf-8")
+    with pytest.raises(ProfileError, match=re.escape(f"{broken}: not valid TOML")):
+        load_profiles(broken)
+    no_test = tmp_path / "no_test.toml"
+    no_test.write_text(_SHIPPED[: _SHIPPED.index("\n[test]\n")], encoding="utf-8")
+    with pytest.raises(ProfileError, match=r"no \[test\] profile"):
+        load_profiles(no_test)

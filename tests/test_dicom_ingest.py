@@ -19,13 +19,10 @@ from pydicom.uid import JPEG2000Lossless, MRImageStorage, generate_uid
 from fedmri.client.data_cli import main as data_main
 from fedmri.client.dataset import load_cases, split_cases
 from fedmri.client.dicom import SeriesResult, load_series, scan
-from fedmri.common.dicom_write import (
-    read_label_nifti,
-    write_enhanced_mr,
-    write_label_nifti,
-    write_mr_series,
-)
+from fedmri.client.labels import read_label_nifti
 from fedmri.common.geometry import Volume, grid_affine
+from fedmri.deploy.cohort.dicom_writer import write_enhanced_mr, write_mr_series
+from fedmri.deploy.cohort.label_writer import write_label_nifti
 
 # Axes (columns for slice, row, col) whose slice axis is rowdir x coldir, so a reader
 # returns the slices in the order written.

@@ -8,23 +8,25 @@ tampering can be injected between the two sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import LoopbackGrid
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedmri.client import secure_client
-from fedmri.common import wire
-from fedmri.common.identity import enroll_hospitals, load_pinned, secure_node_config
+from fedmri.common.identity import load_pinned
 from fedmri.common.secagg import Advertise, KeysBroadcast, QuantConfig, SecAggError
-from fedmri.server.secure_round import Advertised, SecureOutcome, SecureRound
+from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
+from fedmri.proto import wire
+from fedmri.proto.node_config import NodeConfig
+from fedmri.server.exchange import Exchange
+from fedmri.server.secure_round import Advertised, SecureResult, SecureRound
 
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 LENGTH, RUN = 16, "7"
-Hook = Callable[[int, str, Message], bool]  # (round, stage, message) -> deliver it?
 
 
 def update_of(node: int, rnd: int) -> np.ndarray:
@@ -35,72 +37,15 @@ def weight_of(node: int) -> int:
     return 10 * node + 3
 
 
-class LoopbackGrid(Grid):
-    """Hands each message to its hospital's handlers (what the ClientApp runs) and returns the
-    replies. `log` lists (round, node, stage, carries-next-setup) of every message sent;
-    `on_request` / `on_reply` may alter a message in place, or return False to drop it."""
-
-    def __init__(self, contexts: dict[int, Context]) -> None:
-        self.contexts = contexts
-        self.log: list[tuple[int, int, str, bool]] = []
-        self.on_request: Hook = lambda rnd, stage, msg: True
-        self.on_reply: Hook = lambda rnd, stage, msg: True
-
-    def _handle(self, msg: Message, stage: str) -> Message:
-        context = self.contexts[msg.metadata.dst_node_id]
-        hospital = str(context.node_config[wire.HOSPITAL])
-        if stage == wire.STAGE_ADVERTISE:
-            return secure_client.advertise(msg, context, hospital)
-        if stage == wire.STAGE_UNMASK:
-            return secure_client.unmask(msg, context, hospital)
-        rnd, node = int(msg.metadata.group_id), context.node_id
-        return Message(secure_client.mask(msg, context, hospital, update_of(node, rnd),
-                                          weight_of(node)), reply_to=msg)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            stage, rnd = secure_client.stage_of(msg), int(msg.metadata.group_id)
-            record = msg.content.config_records[wire.SECAGG]
-            self.log.append((rnd, msg.metadata.dst_node_id, stage,
-                             stage == wire.STAGE_UNMASK and wire.SECAGG_SETUP in record))
-            if not self.on_request(rnd, stage, msg):
-                continue
-            try:
-                reply = self._handle(msg, stage)
-            except (SecAggError, ValueError) as err:  # the ClientApp's exception, as Flower
-                reply = Message(Error(0, f"{type(err).__name__}: {err}"), reply_to=msg)
-            if self.on_reply(rnd, stage, reply):
-                replies.append(reply)
-        return replies
-
-    def stages(self, rnd: int) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for r, node, stage, _ in self.log:
-            if r == rnd:
-                out.setdefault(stage, []).append(node)
-        return out
-
-    # Not used by SecureRound.
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        raise NotImplementedError
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
+def hospital(msg: Message, context: Context) -> Message:
+    """What the hospital's ClientApp runs for each secure-aggregation stage."""
+    node = NodeConfig.from_context(context)
+    if msg.metadata.message_type == MessageType.TRAIN:
+        rnd, index = int(msg.metadata.group_id), context.node_id
+        records = secure_client.mask(msg, node, update_of(index, rnd), weight_of(index))
+        records[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: weight_of(index)})
+        return Message(records, reply_to=msg)
+    return secure_client.query_step(msg, node)
 
 
 class Federation:
@@ -112,26 +57,27 @@ class Federation:
         self.pinned = load_pinned(pinned_path)
         self.state_dirs = {i: folder / h / "state" for i, h in enumerate(names, 1)}
         self.grid = LoopbackGrid({
-            i: Context(run_id=int(RUN), node_id=i, node_config=secure_node_config(
-                folder, h, pinned_path), state=RecordDict(), run_config={})
-            for i, h in enumerate(names, 1)})
+            i: Context(run_id=int(RUN), node_id=i, node_config=enrolled_node(
+                folder, h, pinned_path).to_node_config(), state=RecordDict(), run_config={})
+            for i, h in enumerate(names, 1)}, hospital)
         self.quant = QuantConfig.for_clients(n, 1.0, 100)
         self.rounds = rounds
         self.advertised: Advertised | None = None  # the next round's keys, as fedmri keeps them
         self.failures: dict[int, list[str]] = {}
 
-    def round(self, rnd: int) -> SecureOutcome | SecAggError:
-        secure = SecureRound(self.grid, RUN, rnd, self.pinned, self.quant, LENGTH, 60.0,
-                             lambda event: None, advertised=self.advertised)
+    def round(self, rnd: int) -> SecureResult | SecAggError:
+        exchange = Exchange(self.grid, rnd, lambda event: None, {})
+        secure = SecureRound(exchange, RUN, self.pinned, self.quant, LENGTH, 60.0,
+                             advertised=self.advertised)
         nodes = sorted(self.grid.get_node_ids())
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.ROUND: rnd})})
         try:
-            result: SecureOutcome | SecAggError = secure.run(
+            result: SecureResult | SecAggError = secure.run(
                 nodes, content, advertise_next=rnd < self.rounds)
         except SecAggError as err:  # below threshold: the caller keeps its model
             result = err
         self.advertised = secure.next
-        self.failures[rnd] = secure.outcome.failures
+        self.failures[rnd] = exchange.failures
         return result
 
     def states(self, node: int) -> list[str]:
@@ -145,23 +91,15 @@ def expected_mean(nodes: Iterable[int], rnd: int) -> np.ndarray:
     return np.asarray(total) / sum(weight_of(n) for n in nodes)
 
 
-def assert_exact(outcome: SecureOutcome | SecAggError, survivors: list[int], rnd: int) -> None:
+def assert_exact(outcome: SecureResult | SecAggError, survivors: list[int], rnd: int) -> None:
     """The aggregate is the survivors' weighted mean (integer weight sum exact, mean within
     the quantization bound)."""
-    assert isinstance(outcome, SecureOutcome), outcome
+    assert isinstance(outcome, SecureResult), outcome
     assert outcome.survivors == tuple(f"hospital-{n}" for n in survivors)
     assert outcome.total_weight == sum(weight_of(n) for n in survivors)
     assert outcome.mean_update is not None
     err = np.abs(outcome.mean_update - expected_mean(survivors, rnd))
     assert float(err.max()) <= outcome.error_bound + 1e-12
-
-
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower sets these in a ServerApp process; Message() needs them."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", int(RUN))
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
 def test_piggybacked_advertise_gives_exact_rounds_in_two_round_trips(tmp_path: Path) -> None:

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from fedmri.common.config import RunConfig
 from fedmri.common.models import load_model
-from fedmri.server.federation import MODEL_FILE, STATE_FILE, Federation, FederationSettings
+from fedmri.proto.events import Event, Resumed
+from fedmri.proto.files import GLOBAL_MODEL as MODEL_FILE
+from fedmri.proto.files import SERVER_STATE as STATE_FILE
+from fedmri.proto.report import RoundRecord
+from fedmri.proto.run_config import ServerSettings
+from fedmri.server.federation import Federation
 
-CFG = RunConfig(size=16, rounds=3)
+CFG = RunConfig(size=16, rounds=3, secure=False)
 
 
-def _federation(out: Path, cfg: RunConfig = CFG) -> tuple[Federation, list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
+def _federation(out: Path, cfg: RunConfig = CFG) -> tuple[Federation, list[Event]]:
+    events: list[Event] = []
     # No messages are sent here: only construction (resume) and checkpointing are exercised.
-    fed = Federation(grid=None, cfg=cfg, settings=FederationSettings(out_dir=out),  # type: ignore[arg-type]
+    fed = Federation(grid=None, cfg=cfg, settings=ServerSettings(out_dir=out),  # type: ignore[arg-type]
                      emit=events.append)
     return fed, events
 
@@ -28,7 +32,7 @@ def test_checkpoint_then_resume(tmp_path: Path) -> None:
     fed, _ = _federation(tmp_path)
     fed.global_state = {k: v + 1.0 if v.is_floating_point() else v
                         for k, v in fed.global_state.items()}
-    fed.history.append({"round": 1, "hospitals": {}, "global_val_dice": None})
+    fed.history.append(RoundRecord(round=1, seconds=2.0, train_seconds=1.0))
     fed._checkpoint()
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["config"] == CFG.to_dict() and len(state["rounds"]) == 1
@@ -36,7 +40,7 @@ def test_checkpoint_then_resume(tmp_path: Path) -> None:
     assert cfg == CFG
 
     resumed, events = _federation(tmp_path)
-    assert events == [{"event": "resumed", "round": 1}]
+    assert events == [Resumed(1)]
     assert resumed.history == fed.history
     for key, value in fed.global_state.items():
         assert torch.equal(resumed.global_state[key], value)
@@ -45,7 +49,7 @@ def test_checkpoint_then_resume(tmp_path: Path) -> None:
 
 def test_resume_refuses_another_config(tmp_path: Path) -> None:
     fed, _ = _federation(tmp_path)
-    fed.history.append({"round": 1, "hospitals": {}})
+    fed.history.append(RoundRecord(round=1, seconds=2.0, train_seconds=1.0))
     fed._checkpoint()
     with pytest.raises(ValueError, match="another config"):
-        _federation(tmp_path, RunConfig(size=24, rounds=3))
+        _federation(tmp_path, RunConfig(size=24, rounds=3, secure=False))

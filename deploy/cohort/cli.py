@@ -7,6 +7,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedmri.common.layout import HOSPITAL_PREFIX, TEST_SITE
+from fedmri.deploy.cohort import MANIFEST, PARTIAL
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -50,14 +53,16 @@ def _clear_old_cohort(out: Path) -> list[str]:
     removed = []
     for child in sorted(out.iterdir()):
         is_site = child.is_dir() and (
-            child.name == "test-site"
-            or child.name == ".partial"
-            or (child.name.startswith("hospital-") and child.name[9:].isdigit())
+            child.name in (TEST_SITE, PARTIAL)
+            or (
+                child.name.startswith(HOSPITAL_PREFIX)
+                and child.name[len(HOSPITAL_PREFIX) :].isdigit()
+            )
         )
         if is_site:
             shutil.rmtree(child)
             removed.append(child.name)
-        elif child.name == "cohort.json":
+        elif child.name == MANIFEST:
             child.unlink()
             removed.append(child.name)
     return removed
@@ -97,7 +102,8 @@ def main(argv: list[str]) -> int:
         if removed and not args.quiet:
             print(f"replacing earlier cohort in {out}: removed {', '.join(removed)}", flush=True)
 
-    from fedmri.deploy.cohort import generate_cohort
+    from fedmri.deploy.cohort.generator import generate_cohort
+    from fedmri.deploy.cohort.profiles import ProfileError
 
     def progress(msg: str) -> None:
         if not args.quiet:
@@ -105,6 +111,9 @@ def main(argv: list[str]) -> int:
 
     try:
         manifest = generate_cohort(out, args.hospitals, args.subjects, args.seed, progress=progress)
+    except ProfileError as exc:  # raised before anything is written
+        print(f"fedmri synth: {exc}", file=err)
+        return 1
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"fedmri synth: {exc}; the cohort in {out} is incomplete (no cohort.json)", file=err)
         return 1

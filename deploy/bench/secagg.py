@@ -26,24 +26,27 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedmri.common.bench_vectors import NODE_CPU_DIR, NODE_INDEX, STD, BenchCohort, parse_examples
-from fedmri.common.identity import enroll_hospitals, secure_node_config
+from fedmri.common.checkpoint import save_json
+from fedmri.deploy.bench.measure import mean
+from fedmri.deploy.bench.vectors import STD, BenchCohort, parse_examples
 from fedmri.deploy.deployment import Deployment, FlowerApp, run_deployment, run_guarded
+from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
 from fedmri.deploy.processes import flower_env
+from fedmri.proto import files
+from fedmri.proto.run_config import ServerSettings
 
 # name: (ServerApp component, ClientApp component); every pair follows the same run-config,
-# node-config and bench.json contract (fedmri.server.bench_apps, fedmri.client.bench_apps).
+# node-config and bench.json contract (fedmri.deploy.bench.server_apps, .client_apps).
+_APPS = "fedmri.deploy.bench.server_apps", "fedmri.deploy.bench.client_apps"
 VARIANTS: dict[str, tuple[str, str]] = {
-    "plain": ("fedmri.server.bench_apps:plain_app", "fedmri.client.bench_apps:plain_app"),
-    "flower": ("fedmri.server.bench_apps:flower_secaggplus_app",
-               "fedmri.client.bench_apps:flower_secaggplus_app"),
-    "ours": ("fedmri.server.bench_secure:secure_app", "fedmri.client.bench_secure:secure_app"),
+    "plain": (f"{_APPS[0]}:plain_app", f"{_APPS[1]}:plain_app"),
+    "flower": (f"{_APPS[0]}:flower_secaggplus_app", f"{_APPS[1]}:flower_secaggplus_app"),
+    "ours": (f"{_APPS[0]}:secure_app", f"{_APPS[1]}:secure_app"),
 }
-BENCH_FILE = "bench.json"
 
 _CHECK = """
 import importlib, json, sys
@@ -78,20 +81,16 @@ def missing_components(refs: list[str]) -> dict[str, str]:
     return result
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def summarize(bench: dict[str, Any], cpu_records: list[dict[str, Any]], cohort: BenchCohort,
               deployment_s: float) -> dict[str, Any]:
     """One variant's numbers from its ServerApp's bench.json and its ClientApps' CPU files."""
     rounds = bench["rounds"]
     per_client_round = cohort.clients * cohort.rounds
     return {
-        "seconds_per_round": _mean([r["seconds"] for r in rounds]),
+        "seconds_per_round": mean([r["seconds"] for r in rounds]),
         "client_cpu_s": sum(c["cpu_s"] for c in cpu_records) / per_client_round,
-        "server_cpu_s": _mean([r["server_cpu_s"] for r in rounds]),
-        "upload_bytes_per_client": _mean([r["upload_bytes_per_client"] for r in rounds]),
+        "server_cpu_s": mean([r["server_cpu_s"] for r in rounds]),
+        "upload_bytes_per_client": mean([r["upload_bytes_per_client"] for r in rounds]),
         "server_peak_mb": bench["server_peak_mb"],
         "max_abs_error": max(r["max_abs_error"] for r in rounds),
         # Extras: the CPU inside our handlers and mods (no process start), how many ClientApp
@@ -106,25 +105,26 @@ def summarize(bench: dict[str, Any], cpu_records: list[dict[str, Any]], cohort: 
 
 
 def run_variant(name: str, cohort: BenchCohort, opts: BenchOptions) -> dict[str, Any]:
+    """One variant as a real deployment; its summary (see `summarize`)."""
     serverapp, clientapp = VARIANTS[name]
     folder = (opts.out / name).resolve()
     cpu_dir = folder / "cpu"
     shutil.rmtree(cpu_dir, ignore_errors=True)
-    (folder / BENCH_FILE).unlink(missing_ok=True)
+    (folder / files.BENCH_RESULT).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"client-{i}" for i in range(cohort.clients)]
     # Every variant gets the same enrolled nodes; only `ours` uses the identity keys.
     node_dir = folder / ".flwr" / "nodes"
     pinned = enroll_hospitals(node_dir, names)
-    run_config = {**cohort.to_run_config(), "out-dir": str(folder), "variant": name,
-                  "node-wait-s": 300.0, "round-timeout-s": opts.timeout_s,
-                  "grid-poll-s": opts.grid_poll_s, "pinned-keys": str(pinned)}
-    nodes = [(h, {NODE_INDEX: i, NODE_CPU_DIR: str(cpu_dir), **secure_node_config(node_dir, h,
-                                                                              pinned)})
+    settings = ServerSettings(out_dir=folder, variant=name, node_wait_s=300.0,
+                              round_timeout_s=opts.timeout_s, grid_poll_s=opts.grid_poll_s,
+                              pinned_keys=pinned)
+    run_config = {**cohort.to_run_config(), **settings.to_run_config()}
+    nodes = [replace(enrolled_node(node_dir, h, pinned), bench_index=i, cpu_dir=cpu_dir)
              for i, h in enumerate(names)]
 
     def poll() -> dict[str, Any] | None:
-        path = folder / BENCH_FILE
+        path = folder / files.BENCH_RESULT
         return json.loads(path.read_text()) if path.exists() else None
 
     started = time.perf_counter()
@@ -152,7 +152,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         if first == 0:
             return get(variant, "seconds_per_round")
         rounds = results.get(variant, {}).get("rounds", [])[first:]
-        return _mean([r["seconds"] for r in rounds]) if rounds else None
+        return mean([r["seconds"] for r in rounds]) if rounds else None
 
     def extra_seconds(variant: str, first: int = 0) -> float | None:
         a, b = seconds(variant, first), seconds("plain", first)
@@ -197,7 +197,7 @@ def run_bench(cohort: BenchCohort, opts: BenchOptions) -> dict[str, Any]:
               f"round, max error {result[name]['max_abs_error']:.3g}", file=sys.stderr,
               flush=True)
     result["ratios"] = ratios({k: v for k, v in result.items() if k in VARIANTS})
-    (opts.out / "bench-secagg.json").write_text(json.dumps(result, indent=2))
+    save_json(opts.out / files.BENCH_SECAGG, result)
     return result
 
 

@@ -4,16 +4,16 @@ The harness, the benchmark ServerApps and ClientApps all derive the same numbers
 few run-config values, so the server can compute the exact weighted mean (float64) that an
 aggregation variant should have produced, without ever seeing a client's vector.
 
-Client i (node config `index`, 0..N-1) holds
+Client i (node config `NodeConfig.bench_index`, 0..N-1) holds
 `np.random.default_rng([seed, i]).normal(0, STD, params).astype(np.float32)` with weight
-`examples[i]` (one number for every client, or one per client). Run-config keys:
-`clients`, `params`, `rounds`, `examples` ("1000" or "800,1000,1200"), `seed`, `clip`.
+`examples[i]` (one number for every client, or one per client). Run-config keys: the fields
+of BenchCohort, `examples` written "1000" or "800,1000,1200".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -21,10 +21,6 @@ import numpy.typing as npt
 
 STD = 0.05  # standard deviation of every coordinate of a client's vector
 DEFAULT_CLIP = 0.5  # 10 standard deviations: no coordinate of any cohort here gets clipped
-
-# Node-config keys every benchmark SuperNode gets.
-NODE_INDEX = "index"
-NODE_CPU_DIR = "cpu-dir"
 
 
 def parse_examples(text: str, clients: int) -> tuple[int, ...]:
@@ -66,7 +62,7 @@ class BenchCohort:
     def vector(self, index: int) -> npt.NDArray[np.float32]:
         if not 0 <= index < self.clients:
             raise ValueError(f"client index {index} outside 0..{self.clients - 1}; check the "
-                             f"SuperNode's node config '{NODE_INDEX}'")
+                             "SuperNode's node config")
         rng = np.random.default_rng([self.seed, index])
         return rng.normal(0.0, STD, self.params).astype(np.float32)
 
@@ -82,19 +78,21 @@ class BenchCohort:
         return total
 
     def to_run_config(self) -> dict[str, int | float | str]:
-        return {"clients": self.clients, "params": self.params, "rounds": self.rounds,
-                "examples": ",".join(str(e) for e in self.examples), "seed": self.seed,
-                "clip": self.clip}
+        values = asdict(self)
+        values["examples"] = ",".join(str(e) for e in self.examples)
+        return values
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> BenchCohort:
-        missing = [k for k in ("clients", "params") if k not in config]
+        """The cohort from a run config (its keys are BenchCohort's field names)."""
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
         if missing:
             raise ValueError(f"the run config lacks {', '.join(missing)}; start the benchmark "
                              "with `fedmri bench secagg`")
-        clients = int(config["clients"])
-        return cls(clients=clients, params=int(config["params"]),
-                   rounds=int(config.get("rounds", 2)),
-                   examples=parse_examples(str(config.get("examples", "1000")), clients),
-                   seed=int(config.get("seed", 0)), clip=float(config.get("clip", DEFAULT_CLIP)))
-
+        values = {f.name: config[f.name] for f in fields(cls) if f.name in config}
+        clients = int(values.pop("clients"))
+        examples = parse_examples(str(values.pop("examples", "1000")), clients)
+        kinds: dict[str, Callable[[Any], Any]] = {
+            f.name: type(getattr(cls, f.name, 0)) for f in fields(cls)}
+        return cls(clients=clients, examples=examples,
+                   **{k: kinds[k](v) for k, v in values.items()})

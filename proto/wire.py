@@ -1,12 +1,14 @@
-"""Names of the Flower message records exchanged between the ServerApp and ClientApps.
+"""Names of the Flower message records exchanged between the ServerApp and the ClientApps.
 
 Plain FedAvg messages (Message API, flwr 1.4x):
 - train   server -> client: ARRAYS = global weights, CONFIG = RunConfig + ROUND + EVAL_FIRST
           client -> server: ARRAYS = local weights, METRICS (NUM_EXAMPLES, TRAIN_LOSS, ...),
-                            INFO (HOSPITAL)
+                            INFO (INFO_HOSPITAL)
 - evaluate server -> client: ARRAYS, CONFIG; client -> server: METRICS (VAL_*), INFO
 EVAL_FIRST asks the client to score the incoming global model on its validation split before
-training, which saves one message round trip per round.
+training, which saves one message round trip per round. INFO_HOSPITAL is the field of a
+reply that names the sending hospital; the SuperNode's own config key for its name is
+`fedmri.proto.node_config.NodeConfig.hospital`.
 """
 
 ARRAYS = "arrays"
@@ -16,7 +18,7 @@ INFO = "info"
 
 ROUND = "round"
 EVAL_FIRST = "eval-first"
-HOSPITAL = "hospital"
+INFO_HOSPITAL = "hospital"
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"

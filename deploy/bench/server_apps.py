@@ -1,6 +1,6 @@
 """ServerApps of `fedmri bench secagg`: one aggregation variant each, measured the same way.
 
-Every variant reads the cohort from the run config (`fedmri.common.bench_vectors`), regenerates
+Every variant reads the cohort from the run config (`fedmri.deploy.bench.vectors`), regenerates
 all clients' vectors once to get the exact weighted mean (float64), runs R rounds and writes
 `<out-dir>/bench.json`:
 
@@ -24,25 +24,25 @@ The counting (deflating every reply once more) is subtracted from seconds and se
 `CountingGrid.send_and_receive` pulls every `grid-poll-s` seconds (default 0.2) instead of
 Flower's fixed 3 s, so a protocol stage is not rounded up to 3 s; the same for all variants.
 
-Variants here: `plain_app` (weighted FedAvg over the Message API, no protection) and
-`flower_secaggplus_app` (Flower's bundled SecAgg+ on its legacy strategy path, parameters in
-`secaggplus_settings`).
+Variants: `plain_app` (weighted FedAvg over the Message API, no protection: the server's own
+weighted mean), `flower_secaggplus_app` (Flower's bundled SecAgg+ on its legacy strategy
+path, parameters in `secaggplus_settings`) and `secure_app` (ours: the ServerApp's own
+SecureFedAvg).
 """
 
 from __future__ import annotations
 
-import resource
 import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import Parameters, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
@@ -54,19 +54,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
-from fedmri.common import wire
-from fedmri.common.bench_vectors import BenchCohort
 from fedmri.common.checkpoint import save_json
 from fedmri.common.secagg.graph import default_degree, default_threshold
+from fedmri.deploy.bench.measure import cpu_seconds, peak_mb
+from fedmri.deploy.bench.vectors import BenchCohort
+from fedmri.proto import files, wire
+from fedmri.proto.events import Event, SecureSum
+from fedmri.proto.run_config import ServerSettings
+from fedmri.server.exchange import Exchange
+from fedmri.server.fedavg import weighted_average
+from fedmri.server.secure_round import SecureFedAvg
 
-BENCH_FILE = "bench.json"
 MODULUS = 2**32  # Flower's default (and largest) SecAgg+ modulus
 FLOAT32_QUANT_CAP = 2**24  # beyond this, Flower's float32 quantizer arithmetic limits precision
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -88,13 +88,13 @@ class CountingGrid(Grid):
         self.overhead_cpu_s = 0.0
 
     def _count(self, messages: list[Message]) -> None:
-        wall, cpu = time.perf_counter(), _cpu_s()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         for msg in messages:
             self.replies += 1
             if msg.has_content():
                 self.bytes_by_node[msg.metadata.src_node_id] += content_bytes(msg.content)
         self.overhead_s += time.perf_counter() - wall
-        self.overhead_cpu_s += _cpu_s() - cpu
+        self.overhead_cpu_s += cpu_seconds() - cpu
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -148,23 +148,20 @@ class BenchRecorder:
     """The cohort, the reference mean, the counting grid and the per-round measurements."""
 
     def __init__(self, grid: Grid, context: Context, variant: str) -> None:
-        config = context.run_config
         self.variant = variant
-        self.cohort = BenchCohort.from_run_config(config)
-        self.out_dir = Path(str(config.get("out-dir", "bench-out")))
-        self.node_wait_s = float(config.get("node-wait-s", 300.0))
-        self.round_timeout_s = float(config.get("round-timeout-s", 1800.0))
-        self.grid = CountingGrid(grid, float(config.get("grid-poll-s", 0.2)))
+        self.cohort = BenchCohort.from_run_config(context.run_config)
+        self.settings = ServerSettings.from_run_config(dict(context.run_config))
+        self.grid = CountingGrid(grid, self.settings.grid_poll_s)
         self.reference = self.cohort.exact_mean()
         self.rounds: list[RoundStats] = []
 
     def wait_for_nodes(self) -> list[int]:
         """All N SuperNodes, so no round waits for a late one (not part of any round)."""
-        deadline = time.monotonic() + self.node_wait_s
+        deadline = time.monotonic() + self.settings.node_wait_s
         while len(nodes := sorted(self.grid.get_node_ids())) < self.cohort.clients:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(nodes)} of {self.cohort.clients} SuperNodes connected "
-                                   f"within {self.node_wait_s:.0f}s")
+                                   f"within {self.settings.node_wait_s:.0f}s")
             time.sleep(0.2)
         return nodes
 
@@ -172,10 +169,10 @@ class BenchRecorder:
     def round(self, rnd: int) -> Iterator[RoundStats]:
         stats = RoundStats(rnd)
         self.grid.reset()
-        wall, cpu = time.perf_counter(), _cpu_s()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         yield stats
         stats.seconds = time.perf_counter() - wall - self.grid.overhead_s
-        stats.server_cpu_s = _cpu_s() - cpu - self.grid.overhead_cpu_s
+        stats.server_cpu_s = cpu_seconds() - cpu - self.grid.overhead_cpu_s
         stats.upload_bytes = sum(self.grid.bytes_by_node.values())
         stats.upload_bytes_per_client = stats.upload_bytes / self.cohort.clients
         stats.replies = self.grid.replies
@@ -189,22 +186,21 @@ class BenchRecorder:
         stats.max_abs_error = float(np.max(np.abs(flat - self.reference)))
 
     def finish(self, details: dict[str, Any]) -> None:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        save_json(self.out_dir / BENCH_FILE, {
+        save_json(self.settings.out_dir / files.BENCH_RESULT, {
             "variant": self.variant, "cohort": self.cohort.to_run_config(),
-            "rounds": [asdict(r) for r in self.rounds], "server_peak_mb": peak_mb,
+            "rounds": [asdict(r) for r in self.rounds], "server_peak_mb": peak_mb(),
             "details": details})
 
 
-def run_variant(context: Context, variant: str,
-                body: Callable[[BenchRecorder], dict[str, Any]], grid: Grid) -> None:
+def record_variant(context: Context, variant: str,
+                   body: Callable[[BenchRecorder], dict[str, Any]], grid: Grid) -> None:
     """Run one variant's rounds; bench.json holds the measurements, or the error."""
-    out_dir = Path(str(context.run_config.get("out-dir", "bench-out")))
+    out_dir = ServerSettings.from_run_config(dict(context.run_config)).out_dir
     try:
         bench = BenchRecorder(grid, context, variant)
         bench.finish(body(bench))
     except Exception as err:
-        save_json(out_dir / BENCH_FILE, {"variant": variant,
+        save_json(out_dir / files.BENCH_RESULT, {"variant": variant,
                                           "error": f"{type(err).__name__}: {err}",
                                           "trace": traceback.format_exc(limit=6)})
         raise
@@ -222,24 +218,24 @@ def _plain_rounds(bench: BenchRecorder) -> dict[str, Any]:
                                             wire.CONFIG: ConfigRecord({wire.ROUND: rnd})}),
                                 dst_node_id=node, message_type=MessageType.TRAIN,
                                 group_id=str(rnd)) for node in nodes]
-            replies = list(bench.grid.send_and_receive(messages, timeout=bench.round_timeout_s))
+            replies = list(bench.grid.send_and_receive(
+                messages, timeout=bench.settings.round_timeout_s))
             failed = [r for r in replies if r.has_error()]
             if failed or len(replies) != len(nodes):
                 reasons = "; ".join(str(r.error.reason) for r in failed)
                 raise RuntimeError(f"round {rnd}: {len(replies) - len(failed)} of {len(nodes)} "
                                    f"clients answered. {reasons}")
-            total = np.zeros(bench.cohort.params, dtype=np.float64)
-            weight = 0.0
-            for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
-                w = float(cast(float, reply.content.metric_records[wire.METRICS][
-                    wire.NUM_EXAMPLES]))
-                vector = reply.content.array_records[wire.ARRAYS].to_numpy_ndarrays()[0]
-                total += w * vector.astype(np.float64)
-                weight += w
-            aggregate = total / weight
+            # The server's own weighted mean, in float64 so the score sees its accumulation.
+            states = [({"v": torch.from_numpy(reply.content.array_records[wire.ARRAYS]
+                                              .to_numpy_ndarrays()[0]).double()},
+                       float(cast(float, reply.content.metric_records[wire.METRICS][
+                           wire.NUM_EXAMPLES])))
+                      for reply in sorted(replies, key=lambda r: r.metadata.src_node_id)]
+            aggregate = weighted_average(states)["v"].numpy()
         bench.score(stats, aggregate)
         global_vector = aggregate.astype(np.float32)
-    return {"aggregation": "weighted mean in float64 of the clients' float32 vectors"}
+    return {"aggregation": "fedmri.server.fedavg.weighted_average (float64) of the clients' "
+                           "float32 vectors"}
 
 
 plain_app = ServerApp()
@@ -247,7 +243,7 @@ plain_app = ServerApp()
 
 @plain_app.main()
 def _plain_main(grid: Grid, context: Context) -> None:
-    run_variant(context, "plain", _plain_rounds, grid)
+    record_variant(context, "plain", _plain_rounds, grid)
 
 
 # -- flower: Flower's SecAgg+ (legacy DefaultWorkflow + FedAvg) ---------------------------
@@ -321,7 +317,7 @@ def _flower_rounds(bench: BenchRecorder, context: Context) -> dict[str, Any]:
                       min_available_clients=cohort.clients, initial_parameters=zeros)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cohort.rounds),
                            strategy=strategy)
-    secagg = SecAggPlusWorkflow(**settings, timeout=bench.round_timeout_s)
+    secagg = SecAggPlusWorkflow(**settings, timeout=bench.settings.round_timeout_s)
     bench.wait_for_nodes()
     DefaultWorkflow(fit_workflow=_MeasuredFit(secagg, bench))(bench.grid, legacy)
     if len(bench.rounds) != cohort.rounds:
@@ -335,4 +331,42 @@ flower_secaggplus_app = ServerApp()
 
 @flower_secaggplus_app.main()
 def _flower_main(grid: Grid, context: Context) -> None:
-    run_variant(context, "flower", lambda bench: _flower_rounds(bench, context), grid)
+    record_variant(context, "flower", lambda bench: _flower_rounds(bench, context), grid)
+
+
+# -- ours: the ServerApp's SecureFedAvg -------------------------------------------------------
+
+def _secure_rounds(bench: BenchRecorder, context: Context) -> dict[str, Any]:
+    cohort, settings = bench.cohort, bench.settings
+    secure = SecureFedAvg(str(context.run_id), settings.pinned_keys, cohort.clip,
+                          max(cohort.examples), cohort.rounds, settings.round_timeout_s,
+                          settings.stage_timeout_s)
+    nodes = bench.wait_for_nodes()
+    # A float64 global model of zeros: the new state is the dequantized mean itself.
+    zeros = {"v": torch.zeros(cohort.params, dtype=torch.float64)}
+    bounds = []
+    for rnd in range(1, cohort.rounds + 1):
+        events: list[Event] = []
+        with bench.round(rnd) as stats:
+            content = RecordDict({
+                wire.ARRAYS: ArrayRecord(numpy_ndarrays=[np.zeros(cohort.params, np.float32)]),
+                wire.CONFIG: ConfigRecord({wire.ROUND: rnd})})
+            exchange = Exchange(bench.grid, rnd, events.append, {})
+            outcome = secure.run(exchange, nodes, content, zeros)
+            if exchange.failures or outcome.new_state is None:
+                raise RuntimeError(f"round {rnd}: {outcome.skipped} "
+                                   f"{'; '.join(exchange.failures)}")
+        bench.score(stats, outcome.new_state["v"].numpy())
+        bounds += [e.error_bound for e in events if isinstance(e, SecureSum)]
+    return {"aggregation": "fedmri secure aggregation: uint32 masked vectors; 3 round trips in "
+                           "round 1, then 2 (the next round's keys ride on the unmask reply)",
+            "clip": secure.quant.clip, "scale": secure.quant.scale,
+            "max_weight": secure.quant.max_weight, "error_bound": max(bounds)}
+
+
+secure_app = ServerApp()
+
+
+@secure_app.main()
+def _secure_main(grid: Grid, context: Context) -> None:
+    record_variant(context, "ours", lambda bench: _secure_rounds(bench, context), grid)

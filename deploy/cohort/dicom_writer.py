@@ -1,6 +1,6 @@
-"""Write synthetic MR series as real DICOM files, and label volumes as NIfTI.
+"""Write synthetic MR series as real DICOM files.
 
-Used by the synthetic-data generator and by tests: the files are ordinary DICOM that any
+Used by the synthetic cohort and by tests: the files are ordinary DICOM that any
 viewer or PACS accepts, with full patient-space geometry, so the ingestion in
 `fedmri.client.dicom` reads them by the same rules as a hospital export.
 
@@ -24,7 +24,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -40,16 +39,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from fedmri.common.geometry import Volume
 
-__all__ = [
-    "LPS_TO_RAS",
-    "read_label_nifti",
-    "write_enhanced_mr",
-    "write_label_nifti",
-    "write_mr_series",
-]
-
-# LPS <-> RAS is its own inverse: flip x and y.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+__all__ = ["write_enhanced_mr", "write_mr_series"]
 
 _U16_MAX = 65535
 _GEOMETRY_TOL = 1e-4  # relative, for the perpendicular-slice-axis check
@@ -357,41 +347,3 @@ def write_enhanced_mr(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def write_label_nifti(label: np.ndarray, affine_lps: np.ndarray, path: Path) -> None:
-    """Save a label volume (indexed slice, row, col, on the grid of `affine_lps`) as NIfTI.
-
-    The array is stored as is, in (s, r, c) order; the NIfTI affine is the same grid in RAS
-    (diag(-1, -1, 1, 1) @ affine_lps), as NIfTI requires, set as both sform and qform."""
-    array = np.asarray(label)
-    if array.ndim != 3:
-        raise ValueError(f"label must be 3D (slice, row, col), got {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.rint(array)):
-            raise ValueError("label values must be integers")
-        array = array.astype(np.int64)
-    lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
-    dtype: type[np.integer[Any]]
-    if lo >= 0 and hi <= np.iinfo(np.uint8).max:
-        dtype = np.uint8
-    elif np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
-        dtype = np.int16
-    else:
-        dtype = np.int32
-    affine_ras = LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64)
-    image = nib.Nifti1Image(array.astype(dtype), affine_ras)
-    image.set_sform(affine_ras, code=1)
-    image.set_qform(affine_ras, code=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-
-
-def read_label_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(array indexed slice, row, col; affine index -> LPS mm) of a NIfTI written by
-    `write_label_nifti` (or any NIfTI whose voxel axes are in (s, r, c) order)."""
-    image: Any = nib.load(str(path))
-    array = np.asarray(image.dataobj)
-    affine_lps = LPS_TO_RAS @ np.asarray(image.affine, dtype=np.float64)
-    return array, affine_lps

@@ -16,9 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmri.common.config import RunConfig
+from fedmri.common.config import (
+    FEDERATION_ONLY,
+    RunConfig,
+    add_run_config_args,
+    run_config_from_args,
+    run_config_to_args,
+)
 from fedmri.common.layout import hospital_dirs
+from fedmri.deploy.bench.measure import mean
 from fedmri.deploy.simulate import SimulateOptions, run_simulation
+from fedmri.proto import files
 
 
 def _baseline(args: list[str], out: Path) -> dict[str, Any]:
@@ -27,13 +35,13 @@ def _baseline(args: list[str], out: Path) -> dict[str, Any]:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / files.REPORT).read_text())
     return {"test_dice": report["test_dice"], "seconds": time.perf_counter() - started,
             "final_val_dice": report["rounds"][-1]["global_val_dice"]}
 
 
 def _mean(rounds: list[dict[str, Any]], key: str) -> float:
-    return sum(float(r[key]) for r in rounds) / len(rounds)
+    return mean([float(r[key]) for r in rounds])
 
 
 def run_bench(out: Path, hospitals: int, subjects: int, seed: int, cfg: RunConfig,
@@ -54,9 +62,8 @@ def run_bench(out: Path, hospitals: int, subjects: int, seed: int, cfg: RunConfi
         "bytes_up_per_round": _mean(rounds, "bytes_up"),
         "final_val_dice": rounds[-1]["global_val_dice"],
     }
-    common = ["--data", str(data_dir), "--hospitals", str(hospitals), "--rounds",
-              str(cfg.rounds), "--local-epochs", str(cfg.local_epochs), "--size", str(cfg.size),
-              "--model", cfg.model, "--seed", str(cfg.seed)]
+    common = ["--data", str(data_dir), "--hospitals", str(hospitals),
+              *run_config_to_args(cfg, skip=FEDERATION_ONLY)]
     central = _baseline(["--central", *common], out / "central")
     local = {site.name: _baseline(["--local", site.name, *common], out / f"local-{site.name}")
              for site in hospital_dirs(data_dir)[:hospitals]}
@@ -75,22 +82,19 @@ def run_bench(out: Path, hospitals: int, subjects: int, seed: int, cfg: RunConfi
 
 
 def main(argv: list[str]) -> int:
-    d = RunConfig()
     parser = argparse.ArgumentParser(prog="fedmri bench quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--data", type=Path, default=None, help="an existing cohort")
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--subjects", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=d.rounds)
-    parser.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    parser.add_argument("--size", type=int, default=d.size)
-    parser.add_argument("--model", default=d.model)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print only the JSON")
+    add_run_config_args(parser)  # --seed seeds the cohort too
     args = parser.parse_args(argv)
-    cfg = RunConfig(model=args.model, size=args.size, rounds=args.rounds,
-                    local_epochs=args.local_epochs, seed=args.seed)
-    result = run_bench(args.out, args.hospitals, args.subjects, args.seed, cfg, args.data)
+    try:
+        cfg = run_config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run_bench(args.out, args.hospitals, args.subjects, cfg.seed, cfg, args.data)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

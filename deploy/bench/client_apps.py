@@ -1,7 +1,10 @@
 """ClientApps of `fedmri bench secagg`: each client uploads its cohort vector (no training).
 
-Node config: `index` (this client's place in the cohort, 0..N-1) and `cpu-dir`. Client i's
-vector and weight come from the run config (`fedmri.common.bench_vectors.BenchCohort`).
+Node config (NodeConfig): `bench_index` (this client's place in the cohort, 0..N-1) and
+`cpu_dir`. Client i's vector and weight come from the run config
+(`fedmri.deploy.bench.vectors.BenchCohort`). Variants: plain, Flower's SecAgg+ mod, and ours
+(the hospital's own secure_client, which also answers the next round's advertise on the
+unmask step when the server sends its setup along).
 
 Every ClientApp process (Flower starts one per message) writes, when it exits,
 `<cpu-dir>/<variant>-<pid>.json` = {"cpu_s": its whole user+sys CPU (getrusage RUSAGE_SELF:
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,14 +30,12 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedmri.common import wire
-from fedmri.common.bench_vectors import NODE_CPU_DIR, NODE_INDEX, BenchCohort
+from fedmri.client import secure_client
 from fedmri.common.checkpoint import save_json
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from fedmri.deploy.bench.measure import cpu_seconds, peak_mb
+from fedmri.deploy.bench.vectors import BenchCohort
+from fedmri.proto import wire
+from fedmri.proto.node_config import NodeConfig
 
 
 class _ProcessCpu:
@@ -46,17 +46,16 @@ class _ProcessCpu:
         self.app_cpu_s = 0.0
 
     def register(self, context: Context, variant: str) -> None:
-        if self.path is not None or NODE_CPU_DIR not in context.node_config:
+        cpu_dir = NodeConfig.from_context(context).cpu_dir
+        if self.path is not None or cpu_dir is None:
             return
-        self.path = Path(str(context.node_config[NODE_CPU_DIR])) / f"{variant}-{os.getpid()}.json"
+        self.path = cpu_dir / f"{variant}-{os.getpid()}.json"
         atexit.register(self.write)
 
     def write(self) -> None:
         if self.path is None:
             return
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        record = {"cpu_s": usage.ru_utime + usage.ru_stime, "app_cpu_s": self.app_cpu_s,
-                  "peak_mb": usage.ru_maxrss / 1024}
+        record = {"cpu_s": cpu_seconds(), "app_cpu_s": self.app_cpu_s, "peak_mb": peak_mb()}
         save_json(self.path, record)
 
 
@@ -67,11 +66,11 @@ _PROCESS = _ProcessCpu()
 def measured(context: Context, variant: str) -> Iterator[None]:
     """Count the enclosed work as this process's app CPU; record the process's CPU at exit."""
     _PROCESS.register(context, variant)
-    start = _cpu_s()
+    start = cpu_seconds()
     try:
         yield
     finally:
-        _PROCESS.app_cpu_s += _cpu_s() - start
+        _PROCESS.app_cpu_s += cpu_seconds() - start
 
 
 def measured_mod(variant: str) -> Mod:
@@ -86,10 +85,8 @@ def measured_mod(variant: str) -> Mod:
 
 def cohort_client(context: Context) -> tuple[int, BenchCohort]:
     """This client's index (node config) and the cohort (run config)."""
-    if NODE_INDEX not in context.node_config:
-        raise ValueError(f"node {context.node_id}: node config has no '{NODE_INDEX}'; start "
-                         "the SuperNode with --node-config 'index=I cpu-dir=\"DIR\"'")
-    return int(context.node_config[NODE_INDEX]), BenchCohort.from_run_config(context.run_config)
+    index: int = NodeConfig.from_context(context).require("bench_index", "the benchmark")
+    return index, BenchCohort.from_run_config(context.run_config)
 
 
 # -- plain: the vector as a float32 ArrayRecord ---------------------------------------------
@@ -135,3 +132,26 @@ def _vector_client(context: Context) -> Client:
 
 flower_secaggplus_app = ClientApp(client_fn=_vector_client,
                                   mods=[measured_mod("flower"), secaggplus_mod])
+
+
+# -- ours: the hospital's secure_client around the cohort vector ----------------------------
+
+secure_app = ClientApp()
+
+
+@secure_app.train()
+def _secure_train(msg: Message, context: Context) -> Message:
+    with measured(context, "ours"):
+        index, cohort = cohort_client(context)
+        reply = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: cohort.weight(index)})})
+        records = secure_client.mask(msg, NodeConfig.from_context(context), cohort.vector(index),
+                                     cohort.weight(index))
+        for name, record in records.items():
+            reply[name] = record
+        return Message(reply, reply_to=msg)
+
+
+@secure_app.query()
+def _secure_step(msg: Message, context: Context) -> Message:
+    with measured(context, "ours"):
+        return secure_client.query_step(msg, NodeConfig.from_context(context))

@@ -1,0 +1,99 @@
+"""One round's messages to the hospitals, and what every aggregation returns.
+
+Plain and secure FedAvg send through the same `Exchange` (it names and records every hospital
+that failed or did not answer) and return the same `RoundOutcome`, so the round loop
+(fedmri.server.federation) only orchestrates and records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedmri.proto import wire
+from fedmri.proto.events import Event, HospitalFailed
+
+if TYPE_CHECKING:
+    import torch
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass
+class Reply:
+    hospital: str
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor] | None = None  # plain FedAvg: the hospital's weights
+    upload_bytes: int = 0
+
+
+@dataclass
+class RoundOutcome:
+    replies: list[Reply] = field(default_factory=list)  # the hospitals in the aggregate
+    new_state: dict[str, torch.Tensor] | None = None  # None: the model stays as it was
+    skipped: str = ""  # why there is no new state
+    aggregate_seconds: float = 0.0  # unmasking + dequantizing, or the weighted mean
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's arrays and config values: the measure of bytes_up/bytes_down."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(a.data) for a in record.values())
+    for cfg in content.config_records.values():
+        total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in cfg.values())
+    return total
+
+
+def metrics_of(reply: Message) -> dict[str, float]:
+    """A reply's METRICS record as floats; a missing record or a non-number is a ValueError."""
+    records = reply.content.metric_records
+    if wire.METRICS not in records:
+        raise ValueError("reply has no metrics record")
+    out = {}
+    for key, value in records[wire.METRICS].items():
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"metric {key!r} is not a number: {value!r}")
+        out[key] = float(value)
+    return out
+
+
+class Exchange:
+    """Sends one round's messages and collects the replies. A hospital that answers with an
+    error, or not in time, becomes a named failure (and a `hospital_failed` event), never an
+    exception: the round goes on with the others."""
+
+    def __init__(self, grid: Grid, rnd: int, emit: EventSink, names: dict[int, str]) -> None:
+        self.grid, self.rnd, self.emit = grid, rnd, emit
+        self.names = names  # node -> hospital, as far as known (shared across rounds)
+        self.failures: list[str] = []
+        self.bytes_down = 0
+
+    def message(self, content: RecordDict, node: int, kind: str) -> Message:
+        return Message(content, dst_node_id=node, message_type=kind, group_id=str(self.rnd))
+
+    def send(self, messages: list[Message], timeout_s: float) -> list[Message]:
+        """The replies without errors; every other message's node is failed."""
+        self.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
+        answered = {r.metadata.src_node_id for r in replies}
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self.fail(m.metadata.dst_node_id, f"no reply within {timeout_s:.0f}s")
+        good = []
+        for reply in replies:
+            if reply.has_error():
+                self.fail(reply.metadata.src_node_id,
+                          reply.error.reason or "error without reason")
+            else:
+                good.append(reply)
+        return good
+
+    def fail(self, node: int, reason: str) -> None:
+        text = f"{self.names.get(node, f'node {node}')}: {reason}"
+        self.failures.append(text)
+        self.emit(HospitalFailed(self.rnd, text))

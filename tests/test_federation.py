@@ -1,0 +1,166 @@
+"""The coordinator's round loop (Federation) with plain and secure FedAvg behind one interface,
+driven through the in-process loopback Grid against hospitals that answer as the ClientApp
+does (their training replaced by a known update, so the aggregate can be checked exactly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LoopbackGrid
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedmri.client import secure_client
+from fedmri.common.config import RunConfig
+from fedmri.common.vectors import flatten_update
+from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
+from fedmri.proto import files, wire
+from fedmri.proto.events import Done, Event, HospitalFailed, RoundDone, RoundSkipped, Validated
+from fedmri.proto.node_config import NodeConfig
+from fedmri.proto.run_config import ServerSettings
+from fedmri.server.federation import Federation
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+
+
+def weight(node: int) -> int:
+    return 2 * node + 1
+
+
+def delta(node: int, rnd: int) -> float:
+    return 0.01 * node - 0.003 * rnd
+
+
+def val_dice(node: int) -> float:
+    return 0.5 + 0.1 * node
+
+
+class Hospitals:
+    """Hospital handlers: train returns the global model moved by delta(node, round); `broken`
+    nodes raise instead, `nameless` nodes leave the hospital's name out of their replies."""
+
+    def __init__(self) -> None:
+        self.broken: set[int] = set()
+        self.nameless: set[int] = set()
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        node, index = NodeConfig.from_context(context), context.node_id
+        kind = msg.metadata.message_type
+        if index in self.broken:
+            raise RuntimeError(f"{node.hospital} crashed")
+        if kind == MessageType.QUERY:
+            return secure_client.query_step(msg, node)
+        metrics: dict[str, float] = {wire.VAL_DICE: val_dice(index), wire.VAL_LOSS: 1.0,
+                                     wire.NUM_VAL: 2.0}
+        reply = RecordDict({wire.METRICS: MetricRecord(metrics)})
+        if index not in self.nameless:
+            reply[wire.INFO] = ConfigRecord({wire.INFO_HOSPITAL: node.hospital})
+        if kind == MessageType.EVALUATE:
+            return Message(reply, reply_to=msg)
+        rnd = int(msg.metadata.group_id)
+        global_state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        local = {k: v + delta(index, rnd) if v.is_floating_point() else v
+                 for k, v in global_state.items()}
+        metrics.update({wire.NUM_EXAMPLES: float(weight(index)), wire.TRAIN_LOSS: 0.1 * index,
+                        wire.TRAIN_SECONDS: 0.5})
+        reply[wire.METRICS] = MetricRecord(metrics)
+        if secure_client.is_secure(msg):
+            masked = secure_client.mask(msg, node, flatten_update(local, global_state),
+                                        weight(index))
+            for name, record in masked.items():
+                reply[name] = record
+        else:
+            reply[wire.ARRAYS] = ArrayRecord(local)
+        return Message(reply, reply_to=msg)
+
+
+def federation(tmp_path: Path, secure: bool, rounds: int = 2
+               ) -> tuple[Federation, Hospitals, list[Event]]:
+    pinned = enroll_hospitals(tmp_path / "nodes", HOSPITALS)
+    contexts = {i: Context(run_id=7, node_id=i, node_config=enrolled_node(
+        tmp_path / "nodes", h, pinned).to_node_config(), state=RecordDict(), run_config={})
+        for i, h in enumerate(HOSPITALS, 1)}
+    hospitals = Hospitals()
+    events: list[Event] = []
+    cfg = RunConfig(size=16, rounds=rounds, secure=secure, secure_max_weight=100)
+    settings = ServerSettings(out_dir=tmp_path / "out", min_nodes=3, node_wait_s=1.0,
+                              pinned_keys=pinned)
+    return (Federation(LoopbackGrid(contexts, hospitals), cfg, settings, "7", events.append),
+            hospitals, events)
+
+
+def mean_delta(nodes: list[int], rnd: int) -> float:
+    return sum(weight(n) * delta(n, rnd) for n in nodes) / sum(weight(n) for n in nodes)
+
+
+def assert_moved(fed: Federation, start: dict[str, torch.Tensor], by: float, tol: float) -> None:
+    for key, value in fed.global_state.items():
+        if value.is_floating_point():
+            assert torch.allclose(value.double(), start[key].double() + by, atol=tol), key
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_rounds_give_the_weighted_mean_and_the_same_record(tmp_path: Path, secure: bool) -> None:
+    fed, _, events = federation(tmp_path, secure)
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    history = fed.run()
+    tol = 1e-4 if secure else 1e-6  # quantization, or float32 rounding
+    assert_moved(fed, start, mean_delta([1, 2, 3], 1) + mean_delta([1, 2, 3], 2), tol)
+    assert [r.round for r in history] == [1, 2]
+    expected_dice = sum(2 * val_dice(n) for n in (1, 2, 3)) / 6
+    for record in history:
+        assert sorted(record.hospitals) == HOSPITALS and record.failures == []
+        assert [record.hospitals[h].num_examples for h in HOSPITALS] == [3, 5, 7]
+        assert record.global_val_dice == pytest.approx(expected_dice)  # eval-first, then final
+        assert record.bytes_up > 0 and record.bytes_down > 0
+    assert [type(e) for e in events if isinstance(e, (RoundDone, Done))] == \
+        [RoundDone, RoundDone, Done]
+    assert sum(isinstance(e, Validated) for e in events) == 2
+    assert (fed.settings.out_dir / files.SERVER_STATE).exists()
+    assert (fed.settings.out_dir / files.GLOBAL_MODEL).exists()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_crashing_hospital_is_named_and_the_round_goes_on(tmp_path: Path,
+                                                           secure: bool) -> None:
+    fed, hospitals, events = federation(tmp_path, secure, rounds=1)
+    hospitals.broken = {2}
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    fed.run()
+    assert_moved(fed, start, mean_delta([1, 3], 1), 1e-4 if secure else 1e-6)
+    failed = [e.reason for e in events if isinstance(e, HospitalFailed)]
+    assert failed and all("hospital-2 crashed" in r for r in failed), failed
+    assert sorted(fed.history[0].hospitals) == ["hospital-1", "hospital-3"]
+    assert fed.history[0].failures == failed[:1]  # the next one is the final evaluation
+
+
+def test_a_reply_that_names_no_hospital_is_rejected_not_fatal(tmp_path: Path) -> None:
+    fed, hospitals, events = federation(tmp_path, secure=False, rounds=1)
+    hospitals.nameless = {1}
+    fed.run()
+    assert any("node 1" in e.reason and "does not name its hospital" in e.reason
+               for e in events if isinstance(e, HospitalFailed))
+    assert sorted(fed.history[0].hospitals) == ["hospital-2", "hospital-3"]
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_round_without_updates_is_skipped_and_keeps_the_model(tmp_path: Path,
+                                                                secure: bool) -> None:
+    fed, hospitals, events = federation(tmp_path, secure, rounds=1)
+    hospitals.broken = {1, 2, 3}
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    fed.run()
+    assert_moved(fed, start, 0.0, 0.0)
+    skipped = [e for e in events if isinstance(e, RoundSkipped)]
+    assert len(skipped) == 1 and "global model unchanged" in skipped[0].reason
+    assert len(fed.history[0].failures) >= 3
