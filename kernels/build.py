@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,10 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("registration.cpp", "conv3d_cpu.cpp", "conv3d_cpu_direct.cpp")
-CUDA_SOURCES = ("conv3d_cuda.cu",)
+# The host dispatch and one file per kernel family, so that ninja compiles them in parallel;
+# longest compile first (ninja starts jobs in this order).
+CUDA_SOURCES = ("conv3d_cuda.cu", "conv3d_cuda_wgmma.cu", "conv3d_cuda_wmma.cu",
+                "conv3d_cuda_simt.cu", "conv3d_cuda_wgrad.cu")
 # Compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper.
 # Hopper is built as sm_90a (arch-specific: wgmma); a plain "9.0" gets the WMMA kernels only.
 DEFAULT_ARCHS = "8.0;9.0a"
@@ -89,15 +93,37 @@ def cache_dir(chain: Toolchain) -> Path:
     return root / f"torch{torch.__version__.replace('+', '_')}-{flavour}"
 
 
-def _sources(chain: Toolchain) -> list[Path]:
-    names = CPU_SOURCES + (CUDA_SOURCES if chain.cuda else ())
-    return [CSRC / n for n in names]
+def sources(cuda: bool) -> list[Path]:
+    """What a build compiles: the C++ sources, and with `cuda` first the CUDA ones (the longer
+    compiles: started first, they end with the rest on a few cores)."""
+    return [CSRC / n for n in (CUDA_SOURCES if cuda else ()) + CPU_SOURCES]
 
 
-def _fingerprint(sources: list[Path]) -> str:
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
+
+
+def build_inputs(cuda: bool) -> list[Path]:
+    """Every file of csrc a build reads: its sources and the headers they include
+    (`#include "..."`, followed through headers; conditional includes count too). The
+    fingerprint covers these, and an installed package must hold them."""
+    found: set[Path] = set()
+    pending = [(path, "kernels/build.py") for path in sources(cuda)]
+    while pending:
+        path, wanted_by = pending.pop()
+        if path in found:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"fedmri.kernels: {path} (needed by {wanted_by}) is missing: "
+                                    "reinstall fedmri")
+        found.add(path)
+        pending += [(path.parent / name, path.name)
+                    for name in _INCLUDE.findall(path.read_text())]
+    return sorted(found)
+
+
+def _fingerprint(cuda: bool) -> str:
     digest = hashlib.sha256()
-    headers = [*CSRC.glob("*.h"), *CSRC.glob("*.cuh")]
-    for path in sorted(sources + headers):
+    for path in build_inputs(cuda):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -124,7 +150,7 @@ def read_manifest(chain: Toolchain | None = None) -> Built | None:
     if not path.exists():
         return None
     built = Built(**json.loads(path.read_text()))
-    if built.fingerprint != _fingerprint(_sources(chain)) or not Path(built.library).exists():
+    if built.fingerprint != _fingerprint(chain.cuda) or not Path(built.library).exists():
         return None
     return built
 
@@ -137,7 +163,6 @@ def build(verbose: bool = False) -> Built:
         return existing
     folder = cache_dir(chain)
     folder.mkdir(parents=True, exist_ok=True)
-    sources = _sources(chain)
     what = "C++ and CUDA (" + ", ".join(chain.archs) + ")" if chain.cuda else "C++"
     print(f"fedmri.kernels: compiling the {what} extension into {folder} "
           "(first use only; takes a minute or more) ...", file=sys.stderr, flush=True)
@@ -151,7 +176,7 @@ def build(verbose: bool = False) -> Built:
         cpp_extension.CUDA_HOME = chain.cuda_home  # also when imported earlier
         library = cpp_extension.load(
             name=f"fedmri_kernels_{'cuda' if chain.cuda else 'cpu'}",
-            sources=[str(s) for s in sources],
+            sources=[str(s) for s in sources(chain.cuda)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *_sm90a_flag(chain),
                                *_pip_cuda_includes()],
@@ -163,7 +188,7 @@ def build(verbose: bool = False) -> Built:
         )
     built = Built(library=str(library), cuda=chain.cuda, archs=chain.archs,
                   torch=torch.__version__, cuda_version=torch.version.cuda,
-                  fingerprint=_fingerprint(sources),
+                  fingerprint=_fingerprint(chain.cuda),
                   seconds=round(time.perf_counter() - started, 1))
     staged = _manifest(folder).with_suffix(f".{os.getpid()}.tmp")
     staged.write_text(json.dumps(asdict(built), indent=2))

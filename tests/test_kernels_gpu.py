@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from kernels_reference import make_inputs, reference, rel_err
@@ -91,24 +96,48 @@ def test_large_layer_bf16() -> None:
     assert _rel(y, ref) < BOUND[torch.bfloat16]
 
 
-@pytest.mark.parametrize("kernel", ["wmma", "wgmma", "wgmma256", "wgmma-l1", "wgmma256-l1",
-                                    "strip", "strip32"])
-@pytest.mark.parametrize(("c", "cout"), [(32, 32), (64, 64), (64, 136), (32, 100), (128, 72)])
-def test_forward_kernel_variants(monkeypatch, kernel, c, cout) -> None:  # type: ignore[no-untyped-def]
-    """Each forward kernel (on an H100/H200; elsewhere the one that runs) against the
-    reference, with halos, bias and activation, sizes off the tiles."""
-    from fedmri.kernels import conv3d
+FORCED = ["wmma", "wgmma", "wgmma256", "wgmma-l1", "wgmma256-l1", "strip", "strip32"]
+FAMILIES = ("igemm_mma<", "igemm_wgmma<", "strip_wgmma<")  # in the kernels' names
 
-    monkeypatch.setenv("FEDMRI_CONV3D_KERNEL", kernel)
-    for dtype in (torch.float16, torch.bfloat16):
-        t = make_inputs(2, c, cout, (6, 21, 19), 3, True, True, dtype, "cuda")
-        x = t["x"].detach().contiguous(memory_format=torch.channels_last_3d)
-        w, b, lo, hi = (t[key].detach() for key in ("w", "b", "lo", "hi"))  # type: ignore[union-attr]
-        ref = reference(*(v.double().cpu() for v in (x, w, b, lo, hi)), 1, "leaky_relu")
-        y = _poisoned_call(lambda: conv3d(x, w, b, halo_lo=lo, halo_hi=hi,  # noqa: B023
-                                          activation="leaky_relu", negative_slope=0.1),
-                           [tuple(ref.shape)], dtype)
-        assert _rel(y, ref) < BOUND[dtype], f"{kernel} {dtype}"
+
+@pytest.mark.parametrize("kernel", FORCED)
+def test_forward_kernel_variants(kernel: str) -> None:
+    """Each forward kernel forced in turn (on an H100/H200; elsewhere the one that runs) against
+    the reference. FEDMRI_CONV3D_KERNEL is read once per process: each runs in its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import test_kernels_gpu as t; t.check_forced_kernel({kernel!r})"],
+        cwd=Path(__file__).parent, env={**os.environ, "FEDMRI_CONV3D_KERNEL": kernel},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+
+
+def check_forced_kernel(kernel: str) -> None:
+    """In a process started with FEDMRI_CONV3D_KERNEL=kernel: halos, bias and activation, sizes
+    off the tiles, and the profiler shows that the forced kernel family ran (on Hopper with
+    sm_90a code; elsewhere WMMA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedmri.kernels import build, conv3d
+
+    built = build.read_manifest()
+    hopper = torch.cuda.get_device_capability() == (9, 0) and built is not None \
+        and "9.0a" in built.archs
+    family = FAMILIES[0] if not hopper or kernel == "wmma" else \
+        FAMILIES[2] if kernel.startswith("strip") else FAMILIES[1]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for c, cout in [(32, 32), (64, 64), (64, 136), (32, 100), (128, 72)]:
+            for dtype in (torch.float16, torch.bfloat16):
+                t = make_inputs(2, c, cout, (6, 21, 19), 3, True, True, dtype, "cuda")
+                x = t["x"].detach().contiguous(memory_format=torch.channels_last_3d)
+                w, b, lo, hi = (t[key].detach() for key in ("w", "b", "lo", "hi"))  # type: ignore[union-attr]
+                ref = reference(*(v.double().cpu() for v in (x, w, b, lo, hi)), 1, "leaky_relu")
+                y = _poisoned_call(lambda: conv3d(x, w, b, halo_lo=lo, halo_hi=hi,  # noqa: B023
+                                                  activation="leaky_relu", negative_slope=0.1),
+                                   [tuple(ref.shape)], dtype)
+                assert _rel(y, ref) < BOUND[dtype], f"{kernel} {dtype} {c}->{cout}"
+    names = {event.key for event in prof.key_averages()}
+    ran = {f for f in FAMILIES if any(f in name for name in names)}
+    assert ran == {family}, f"FEDMRI_CONV3D_KERNEL={kernel}: ran {ran}, expected {family}"
 
 
 def test_opcheck_cuda() -> None:

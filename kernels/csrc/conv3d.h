@@ -7,13 +7,13 @@
 // from their own buffers.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 
-namespace fedmri {
+#include "conv3d_activation.h"
 
-enum Activation : int64_t { kNoActivation = 0, kRelu = 1, kLeakyRelu = 2 };
+namespace fedmri {
 
 struct Geometry {
   int64_t N, C, D, H, W;     // input slab
