@@ -38,6 +38,14 @@ class HospitalFailed:
 
 
 @dataclass(frozen=True)
+class HospitalExcluded:
+    NAME: ClassVar[str] = "hospital_excluded"
+    round: int  # the round in which it sent malformed data; it takes no part after it
+    hospital: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class RoundSkipped:
     NAME: ClassVar[str] = "round_skipped"
     round: int
@@ -82,10 +90,11 @@ class Failed:
     trace: str = ""
 
 
-Event = Started | Resumed | HospitalFailed | RoundSkipped | SecureSum | Validated | RoundDone \
-    | Done | Failed
+Event = Started | Resumed | HospitalFailed | HospitalExcluded | RoundSkipped | SecureSum \
+    | Validated | RoundDone | Done | Failed
 EVENTS: dict[str, type[Event]] = {cls.NAME: cls for cls in (
-    Started, Resumed, HospitalFailed, RoundSkipped, SecureSum, Validated, RoundDone, Done, Failed)}
+    Started, Resumed, HospitalFailed, HospitalExcluded, RoundSkipped, SecureSum, Validated,
+    RoundDone, Done, Failed)}
 FINAL = (Done, Failed)  # the last event of a run
 
 
@@ -119,7 +128,9 @@ class EventLog:
 
 
 class EventTail:
-    """Reads the events appended to `path` since the last call."""
+    """Reads the events appended to `path` since the last call. A line that is not a known
+    event is logged and skipped (the reader never stops on one); a file that shrank (a new
+    run) is read again from its start."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
@@ -128,9 +139,21 @@ class EventTail:
         if not self.path.exists():
             return []
         with self.path.open("rb") as fh:
+            if fh.seek(0, 2) < self.offset:
+                self.offset = 0
             fh.seek(self.offset)
             data = fh.read()
         complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
-        return [decode(json.loads(line)) for line in complete.decode().splitlines()
-                if line.strip()]
+        out = []
+        for raw in complete.splitlines():
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw.decode())
+                if not isinstance(line, dict):
+                    raise ValueError(f"not an object: {line!r}")
+                out.append(decode(line))
+            except (UnicodeDecodeError, ValueError, TypeError) as err:
+                log.warning("event=bad_event_line path=%s error=%s", self.path, err)
+        return out

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedmri.proto.typed_config import (
+    NAME,
+    NON_NEGATIVE,
     ConfigError,
     key_of,
     parse,
@@ -33,9 +35,9 @@ class HasNodeConfig(Protocol):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    hospital: str = setting("hospital", help="the hospital's name, as enrolled")
+    hospital: str = setting("hospital", help="the hospital's name, as enrolled", check=NAME)
     data_path: Path | None = setting("data-path", None, "the hospital's DICOM folder")
-    threads: int = setting("threads", 0, "torch CPU threads; 0: torch's default")
+    threads: int = setting("threads", 0, "torch CPU threads; 0: torch's default", NON_NEGATIVE)
     identity_key: Path | None = setting(
         "identity-key", None, "the hospital's Ed25519 identity key (PEM), secure aggregation")
     pinned_keys: Path | None = setting(
@@ -43,7 +45,8 @@ class NodeConfig:
     state_dir: Path | None = setting(
         "state-dir", None, "where secure-aggregation round state is kept between messages")
     # Benchmark SuperNodes only (`fedmri bench secagg`).
-    bench_index: int | None = setting("index", None, "this client's place in the bench cohort")
+    bench_index: int | None = setting("index", None, "this client's place in the bench cohort",
+                                      NON_NEGATIVE)
     cpu_dir: Path | None = setting("cpu-dir", None, "where bench ClientApps record their CPU")
 
     @classmethod

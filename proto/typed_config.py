@@ -2,15 +2,17 @@
 
 Flower hands a node config and a run config to apps as flat mappings of scalars. Each config
 here is a frozen dataclass whose fields name their key (`setting`); `parse` reads one from a
-mapping once, converting each value to the field's type, and `to_record` writes it back. A
-missing or malformed key is a `ConfigError` naming the key, where it was read and the fix.
+mapping once, converting each value to the field's type and checking its range, and
+`to_record` writes it back. A missing, malformed or out-of-range key is a `ConfigError` naming
+the key, where it was read and the fix. Floats must be finite (a NaN timeout never expires).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -23,9 +25,18 @@ class ConfigError(ValueError):
     """A key missing from, or malformed in, a node config or run config."""
 
 
-def setting(key: str, default: Any = MISSING, help: str = "") -> Any:
+Check = tuple[str, Callable[[Any], bool]]  # (what it must be, the test)
+POSITIVE: Check = ("greater than 0", lambda v: v > 0)
+NON_NEGATIVE: Check = ("0 or more", lambda v: v >= 0)
+# A name that survives Flower's --node-config parser and TOML: printable, no double quote.
+NAME: Check = ("a non-empty printable name without '\"'",
+               lambda v: bool(str(v)) and str(v).isprintable() and '"' not in str(v))
+
+
+def setting(key: str, default: Any = MISSING, help: str = "", check: Check | None = None
+            ) -> Any:
     """A dataclass field read from `key`; without a default the key is required."""
-    return field(default=default, metadata={"key": key, "help": help})
+    return field(default=default, metadata={"key": key, "help": help, "check": check})
 
 
 def key_of(cls: type, name: str) -> str:
@@ -59,8 +70,10 @@ def _convert(raw: Any, kind: type, key: str, where: str) -> Any:
             value = kind(raw)
             if kind is int and isinstance(raw, float) and raw != value:
                 raise ValueError
+            if kind is float and not math.isfinite(value):
+                raise ValueError
             return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
     raise ConfigError(f"{where}: '{key}' must be {'a path' if kind is Path else kind.__name__}, "
                       f"got {raw!r}")
@@ -78,7 +91,14 @@ def parse(cls: type[T], values: Mapping[str, Any], where: str) -> T:
             continue
         kind, optional = _base_type(hints[f.name])
         raw = values[key]
-        kwargs[f.name] = None if optional and raw in ("", None) else _convert(raw, kind, key, where)
+        if optional and raw in ("", None):
+            kwargs[f.name] = None
+            continue
+        value = _convert(raw, kind, key, where)
+        check = f.metadata["check"]
+        if check is not None and not check[1](value):
+            raise ConfigError(f"{where}: '{key}' must be {check[0]}, got {raw!r}")
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -94,9 +114,12 @@ def to_record(config: object) -> dict[str, Scalar]:
 
 
 def toml_value(value: Scalar) -> str:
-    """A scalar as TOML: how Flower reads `--node-config` values and an app's run config."""
+    """A scalar as TOML: how Flower reads `--node-config` values and an app's run config.
+    Flower cuts a quoted value at the first '"', so a string holding one is refused."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))
+    if '"' in str(value):
+        raise ConfigError(f"{value!r} holds a '\"', which Flower's config parser cannot carry")
+    return json.dumps(str(value), ensure_ascii=False)

@@ -31,17 +31,21 @@ NUM_VAL = "num-val-examples"
 # Secure aggregation (fedmri.common.secagg carried in Flower messages, see
 # fedmri.server.secure_round): a ConfigRecord SECAGG with SECAGG_STAGE and the stage's
 # serialized protocol message; the masked vector travels as a uint32 array in an ArrayRecord.
-#   query advertise  server: STAGE_ADVERTISE, SETUP            client: ADVERT
-#   train mask       server: STAGE_MASK, KEYS, CLIP, SCALE,     client: SHARES, and MASKED
-#                    MAX_WEIGHT (+ ARRAYS, CONFIG)                      (+ METRICS, INFO)
-#   query unmask     server: STAGE_UNMASK, REQUEST [, SETUP]    client: REVEAL [, ADVERT]
-# An unmask request carries the next round's SETUP unless it is the run's last round; the reply
-# then carries the hospital's ADVERT for that round, which therefore skips the advertise query.
+#   query advertise   server: STAGE_ADVERTISE, SETUP           client: ADVERT
+#   train mask        server: STAGE_MASK, KEYS, CLIP, SCALE,    client: SHARES, VOTE, and
+#                     MAX_WEIGHT (+ ARRAYS, CONFIG)                     MASKED (+ METRICS, INFO)
+#   query consistency server: STAGE_CONSISTENCY, CHECK         client: VOTE
+#   query unmask      server: STAGE_UNMASK, REQUEST [, SETUP]   client: REVEAL [, ADVERT]
+# The consistency query is sent only when a hospital that got keys dropped before its masked
+# reply (else the votes of the mask replies already sign the survivor set). An unmask request
+# carries the next round's SETUP unless it is the run's last round; the reply then carries the
+# hospital's ADVERT for that round, which therefore skips the advertise query.
 SECAGG = "secagg"
 SECAGG_STAGE = "stage"
 STAGE_ADVERTISE = "advertise"
 STAGE_MASK = "mask"
 STAGE_UNMASK = "unmask"
+STAGE_CONSISTENCY = "consistency"
 SECAGG_SETUP = "setup"
 SECAGG_ADVERT = "advertise"
 SECAGG_KEYS = "keys"
@@ -52,3 +56,5 @@ SECAGG_SHARES = "shares"
 SECAGG_MASKED = "masked"
 SECAGG_REQUEST = "request"
 SECAGG_REVEAL = "reveal"
+SECAGG_VOTE = "vote"
+SECAGG_CHECK = "check"

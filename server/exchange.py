@@ -7,6 +7,7 @@ that failed or did not answer) and return the same `RoundOutcome`, so the round 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -49,15 +50,29 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
+# What a hospital may report; anything else would poison the weighted mean or the records.
+_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    wire.NUM_EXAMPLES: ("greater than 0", lambda v: v > 0),
+    wire.NUM_VAL: ("0 or more", lambda v: v >= 0),
+    wire.VAL_DICE: ("between 0 and 1", lambda v: 0.0 <= v <= 1.0),
+    wire.TRAIN_SECONDS: ("0 or more", lambda v: v >= 0),
+    wire.LOAD_SECONDS: ("0 or more", lambda v: v >= 0),
+}
+
+
 def metrics_of(reply: Message) -> dict[str, float]:
-    """A reply's METRICS record as floats; a missing record or a non-number is a ValueError."""
+    """A reply's METRICS record as floats; a missing record, a non-number, a non-finite
+    number or one out of its range is a ValueError naming the metric."""
     records = reply.content.metric_records
     if wire.METRICS not in records:
         raise ValueError("reply has no metrics record")
     out = {}
     for key, value in records[wire.METRICS].items():
-        if not isinstance(value, (int, float)):
-            raise ValueError(f"metric {key!r} is not a number: {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError(f"metric {key!r} is not a finite number: {value!r}")
+        if key in _RANGES and not _RANGES[key][1](float(value)):
+            raise ValueError(f"metric {key!r} must be {_RANGES[key][0]}, got {value!r}")
         out[key] = float(value)
     return out
 

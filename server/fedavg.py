@@ -40,38 +40,67 @@ def weighted_average(states: Sequence[tuple[dict[str, torch.Tensor], float]]
     return out
 
 
-def read_reply(reply: Message, with_state: bool) -> Reply:
-    """A hospital's train or evaluate reply; a malformed one is a ValueError saying what."""
+def _check_layout(hospital: str, state: dict[str, torch.Tensor],
+                  expected: dict[str, torch.Tensor]) -> None:
+    """The hospital's weights must have the global model's keys, shapes and dtypes, and be
+    finite: anything else would break or poison the mean beyond that hospital's weight."""
+    if list(state) != list(expected):
+        extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+        raise ValueError(f"hospital {hospital} returned another model layout (extra "
+                         f"{extra[:3]}, missing {missing[:3]})")
+    for key, value in state.items():
+        want = expected[key]
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise ValueError(f"hospital {hospital}: {key} is {value.dtype} {tuple(value.shape)}"
+                             f", the model has {want.dtype} {tuple(want.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"hospital {hospital}: {key} holds NaN or infinite values")
+
+
+def read_reply(reply: Message, expected: dict[str, torch.Tensor] | None) -> Reply:
+    """A hospital's evaluate reply, or with `expected` (the global state) its train reply; a
+    malformed one is a ValueError saying what."""
     content = reply.content
     try:
         hospital = str(content.config_records[wire.INFO][wire.INFO_HOSPITAL])
     except KeyError as err:
         raise ValueError("reply does not name its hospital") from err
     item = Reply(hospital, metrics_of(reply))
-    if with_state:
+    if expected is not None:
         if wire.ARRAYS not in content.array_records:
             raise ValueError(f"hospital {hospital} returned no weights")
         if wire.NUM_EXAMPLES not in item.metrics:
             raise ValueError(f"hospital {hospital} did not report its number of examples")
-        item.state = content.array_records[wire.ARRAYS].to_torch_state_dict()
+        try:
+            item.state = content.array_records[wire.ARRAYS].to_torch_state_dict()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"hospital {hospital}: its weights do not decode ({err})") from err
+        _check_layout(hospital, item.state, expected)
         item.upload_bytes = payload_bytes(content)
     return item
 
 
 def collect(exchange: Exchange, messages: list[Message], timeout_s: float,
-            with_state: bool) -> list[Reply]:
+            expected: dict[str, torch.Tensor] | None) -> list[Reply]:
     """The readable replies, sorted by hospital (so float sums do not depend on arrival
-    order); a malformed reply fails its node."""
-    replies = []
+    order). A malformed reply, a node claiming a name other than the one it is known by, or a
+    second node claiming a hospital already heard from, fails that node."""
+    replies: dict[str, Reply] = {}
     for reply in exchange.send(messages, timeout_s):
+        node = reply.metadata.src_node_id
         try:
-            item = read_reply(reply, with_state)
+            item = read_reply(reply, expected)
+            known = exchange.names.get(node)
+            if known is not None and known != item.hospital:
+                raise ValueError(f"node known as {known} names itself {item.hospital}")
+            if item.hospital in replies:
+                raise ValueError(f"{item.hospital} already answered from another node")
         except ValueError as err:
-            exchange.fail(reply.metadata.src_node_id, f"reply rejected: {err}")
+            exchange.fail(node, f"reply rejected: {err}")
             continue
-        exchange.names[reply.metadata.src_node_id] = item.hospital
-        replies.append(item)
-    return sorted(replies, key=lambda r: r.hospital)
+        exchange.names[node] = item.hospital
+        replies[item.hospital] = item
+    return [replies[h] for h in sorted(replies)]
 
 
 class PlainFedAvg:
@@ -84,7 +113,8 @@ class PlainFedAvg:
             global_state: dict[str, torch.Tensor]) -> RoundOutcome:
         messages = [exchange.message(RecordDict(dict(content.items())), n, MessageType.TRAIN)
                     for n in nodes]
-        outcome = RoundOutcome(replies=collect(exchange, messages, self.round_timeout_s, True))
+        outcome = RoundOutcome(replies=collect(exchange, messages, self.round_timeout_s,
+                                               global_state))
         started = time.perf_counter()
         try:
             outcome.new_state = weighted_average(

@@ -157,7 +157,7 @@ class Federation:
         messages = [exchange.message(RecordDict(dict(content.items())), n, MessageType.EVALUATE)
                     for n in self._wait_for_nodes()]
         self._record_validation(collect(exchange, messages, self.settings.round_timeout_s,
-                                        with_state=False))
+                                        expected=None))
         if self.history:
             self.history[-1].bytes_down += exchange.bytes_down
             self.history[-1].seconds += time.perf_counter() - started

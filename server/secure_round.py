@@ -1,5 +1,5 @@
 """Secure-aggregation rounds carried by Flower messages: two round trips per round, three in
-the first.
+the first, one more when a hospital drops out while masking (the consistency check).
 
 1. `query` ADVERTISE: a node gets the round setup and answers with its signed ephemeral keys;
    the signature (checked against the pinned identity keys) binds node and hospital. Only the
@@ -8,11 +8,17 @@ the first.
    that joined, or did not answer the previous round's unmask step.
 2. `train` MASK: every advertiser gets the global weights, the run config and the keys of its
    neighbours; it trains, quantizes its weighted update and answers with encrypted shares and
-   the masked vector (uint32, carried in an ArrayRecord, which Flower sends in chunks).
-3. `query` UNMASK (+ next ADVERTISE): survivors reveal what removes the masks; the server
-   learns only the sum. Unless this is the last round, the message also carries the next
-   round's setup and the reply the hospital's signed fresh keys for it (`Advertised`), so the
-   next round starts at step 2.
+   the masked vector (uint32, carried in an ArrayRecord, which Flower sends in chunks), and
+   its signature over the set of hospitals that got keys.
+2b. `query` CONSISTENCY, only if someone who got keys did not answer step 2: the survivors
+   sign the survivor set instead.
+3. `query` UNMASK (+ next ADVERTISE): given t signatures over the survivor set, survivors
+   reveal what removes the masks; the server learns only the sum. Unless this is the last
+   round, the message also carries the next round's setup and the reply the hospital's signed
+   fresh keys for it (`Advertised`), so the next round starts at step 2.
+
+A hospital whose message is malformed, forged or breaks the protocol is an offender: the
+round goes on without it and SecureFedAvg leaves it out of the run's later rounds.
 
 `SecureFedAvg` runs them round after round behind the same interface as plain FedAvg
 (fedmri.server.exchange). The server side never holds an unmasked individual update:
@@ -32,18 +38,25 @@ from flwr.app import Array, ConfigRecord, Message, MessageType, RecordDict
 from fedmri.common.identity import load_pinned
 from fedmri.common.secagg import (
     Advertise,
+    BelowThresholdError,
+    ConsistencyRequest,
+    MalformedMessageError,
     MaskedVector,
+    ProtocolViolationError,
     QuantConfig,
+    ReplayError,
     Reveal,
     SecAggError,
     ServerAggregator,
     SharesMessage,
+    SurvivorSignature,
     dequantize,
     error_bound,
 )
+from fedmri.common.secagg.crypto import verify_advertise
 from fedmri.common.vectors import apply_update, vector_length
 from fedmri.proto import wire
-from fedmri.proto.events import SecureSum
+from fedmri.proto.events import HospitalExcluded, SecureSum
 from fedmri.server.exchange import Exchange, Reply, RoundOutcome, metrics_of, payload_bytes
 
 if TYPE_CHECKING:
@@ -96,21 +109,39 @@ class SecureRound:
         exchange.names.update(self.hospital_of)
         self.replies: list[Reply] = []
         self.next: Advertised | None = None  # the next round's keys, after `unmask`
+        self.offenders: dict[str, str] = {}  # hospital -> the malformed data it sent
+
+    def _refuse(self, node: int, what: str, err: Exception) -> None:
+        """Fail the node; a hospital that sent malformed or forged data is an offender (a
+        stale message, or a transport failure, is not)."""
+        self.exchange.fail(node, f"{what} rejected: {err}")
+        hospital = self.hospital_of.get(node)
+        if hospital and not isinstance(err, (ReplayError, BelowThresholdError)):
+            self.offenders.setdefault(hospital, f"{what} rejected: {err}")
 
     def _take_advert(self, into: Advertised, reply: Message) -> None:
-        """Admit a reply's signed keys for `into`'s round; a refusal fails the node."""
+        """Admit a reply's signed keys for `into`'s round; a refusal fails the node, and keys
+        that the hospital did sign but that are bad make it an offender."""
         node = reply.metadata.src_node_id
+        what = f"advertisement for round {into.agg.setup.round}"
         try:
             advert = Advertise.from_bytes(_field(reply, wire.SECAGG_ADVERT))
+        except SecAggError as err:
+            self.exchange.fail(node, f"{what} rejected: {err}")
+            return
+        try:
             if advert.sender in into.hospital_of.values():
-                raise SecAggError(f"hospital {advert.sender} answered from two nodes")
-            into.agg.receive_advertise(advert)  # checks run, round and the pinned signature
-            into.hospital_of[node] = advert.sender
-            if into.agg is self.agg:
-                self.exchange.names[node] = advert.sender
-        except (SecAggError, KeyError, ValueError) as err:
-            self.exchange.fail(node, f"advertisement for round {into.agg.setup.round} "
-                                     f"rejected: {err}")
+                raise ReplayError(f"hospital {advert.sender} answered from two nodes")
+            into.agg.receive_advertise(advert)  # checks run, round, signature and the keys
+        except SecAggError as err:
+            self.exchange.fail(node, f"{what} rejected: {err}")
+            if _signed(advert, into.agg.pinned) and \
+                    not isinstance(err, (ReplayError, BelowThresholdError)):
+                self.offenders.setdefault(advert.sender, f"{what} rejected: {err}")
+            return
+        into.hospital_of[node] = advert.sender
+        if into.agg is self.agg:
+            self.exchange.names[node] = advert.sender
 
     def _send(self, contents: dict[int, RecordDict], kind: str, timeout_s: float
               ) -> list[Message]:
@@ -141,21 +172,41 @@ class SecureRound:
             hospital = self.hospital_of[node]
             try:
                 shares = SharesMessage.from_bytes(_field(reply, wire.SECAGG_SHARES))
+                vote = SurvivorSignature.from_bytes(_field(reply, wire.SECAGG_VOTE))
                 vector = _masked_vector(reply, hospital)
-                if shares.sender != hospital:
-                    raise SecAggError(f"node of hospital {hospital} sent shares as "
-                                      f"{shares.sender}")
+                if (shares.sender, vote.signer) != (hospital, hospital):
+                    raise ProtocolViolationError(
+                        f"node of hospital {hospital} sent shares as {shares.sender} and a "
+                        f"vote as {vote.signer}")
                 metrics = metrics_of(reply)
                 self.agg.receive_shares(shares)
                 self.agg.receive_masked(MaskedVector(self.run_id, self.rnd, hospital, vector))
+                self.agg.receive_signature(vote)
                 self.replies.append(Reply(hospital, metrics,
                                           upload_bytes=payload_bytes(reply.content)))
-            except (SecAggError, KeyError, ValueError) as err:
-                self.exchange.fail(node, f"masked update rejected: {err}")
+            except (SecAggError, ValueError) as err:
+                self._refuse(node, "masked update", err)
+
+    def consistency(self, requests: dict[str, ConsistencyRequest]) -> None:
+        """Step 2b: the survivors sign the survivor set (someone dropped while masking)."""
+        node_of = {h: n for n, h in self.hospital_of.items()}
+        contents = {node_of[h]: RecordDict({wire.SECAGG: _stage_record(
+            wire.STAGE_CONSISTENCY, **{wire.SECAGG_CHECK: req.to_bytes()})})
+            for h, req in sorted(requests.items())}
+        for reply in self._send(contents, MessageType.QUERY, self.stage_timeout_s):
+            node = reply.metadata.src_node_id
+            try:
+                vote = SurvivorSignature.from_bytes(_field(reply, wire.SECAGG_VOTE))
+                if vote.signer != self.hospital_of[node]:
+                    raise ProtocolViolationError(
+                        f"node of hospital {self.hospital_of[node]} voted as {vote.signer}")
+                self.agg.receive_signature(vote)
+            except SecAggError as err:
+                self._refuse(node, "survivor signature", err)
 
     def unmask(self, advertise_next: bool = False) -> None:
         """Step 3; with `advertise_next`, also step 1 of the next round (into `self.next`)."""
-        requests = self.agg.finish_masking()
+        requests = self.agg.unmask_requests()
         node_of = {h: n for n, h in self.hospital_of.items()}
         extra: dict[str, bytes | str | int | float] = {}
         if advertise_next:
@@ -171,11 +222,11 @@ class SecureRound:
             try:
                 reveal = Reveal.from_bytes(_field(reply, wire.SECAGG_REVEAL))
                 if reveal.sender != self.hospital_of[node]:
-                    raise SecAggError(f"node of hospital {self.hospital_of[node]} revealed as "
-                                      f"{reveal.sender}")
+                    raise ProtocolViolationError(
+                        f"node of hospital {self.hospital_of[node]} revealed as {reveal.sender}")
                 self.agg.receive_reveal(reveal)
-            except (SecAggError, KeyError, ValueError) as err:
-                self.exchange.fail(node, f"reveal rejected: {err}")
+            except SecAggError as err:
+                self._refuse(node, "reveal", err)
                 continue
             if self.next is not None:
                 self._take_advert(self.next, reply)
@@ -189,10 +240,28 @@ class SecureRound:
         if missing:
             self.advertise(missing)
         self.mask(train_content)
+        consistency = self.agg.finish_masking()
+        if consistency:
+            self.consistency(consistency)
         self.unmask(advertise_next)
         started = time.perf_counter()
-        result = self.agg.aggregate()
-        mean, total_weight = dequantize(result.total, self.quant.scale)
+        try:
+            result = self.agg.aggregate()
+        except SecAggError:
+            # A hospital whose self mask cannot be removed because its shares were unreadable
+            # to its holders sent bad shares: it is the offender, not the holders.
+            blamed = self.agg.unreadable_by()
+            for hospital in self.agg.short_of_shares():
+                if hospital in blamed:
+                    self.offenders.setdefault(hospital, "its shares could not be read by "
+                                                        + ", ".join(blamed[hospital]))
+            raise
+        try:
+            mean, total_weight = dequantize(result.total, self.quant.scale)
+        except ValueError as err:
+            raise SecAggError(f"the unmasked sum does not dequantize ({err}): a survivor of "
+                              f"{', '.join(result.survivors)} masked an out-of-range "
+                              "weight") from err
         seconds = time.perf_counter() - started
         survivors = set(result.survivors)
         self.replies = [r for r in self.replies if r.hospital in survivors]
@@ -202,8 +271,10 @@ class SecureRound:
 
 
 class SecureFedAvg:
-    """Secure-aggregation FedAvg round after round: the pinned hospitals, the quantization,
-    and the keys the last unmask step collected for the next round."""
+    """Secure-aggregation FedAvg round after round: the pinned members, the quantization, the
+    keys the last unmask step collected for the next round, and the hospitals excluded from
+    the run for sending malformed data (they stay participants of the setup, which every
+    hospital derives from the member list, but are sent nothing: they count as dropped)."""
 
     def __init__(self, run_id: str, pinned_keys: Path | None, clip: float, max_weight: int,
                  rounds: int, round_timeout_s: float, stage_timeout_s: float) -> None:
@@ -215,41 +286,81 @@ class SecureFedAvg:
         self.quant = QuantConfig.for_clients(len(self.pinned), clip, max_weight)
         self.round_timeout_s, self.stage_timeout_s = round_timeout_s, stage_timeout_s
         self.advertised: Advertised | None = None  # next round's keys, from the last unmask
+        self.excluded: dict[str, str] = {}  # hospital -> why
 
     def run(self, exchange: Exchange, nodes: list[int], content: RecordDict,
             global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+        nodes = [n for n in nodes if exchange.names.get(n) not in self.excluded]
         secure = SecureRound(exchange, self.run_id, self.pinned, self.quant,
                              vector_length(global_state), self.round_timeout_s,
                              self.stage_timeout_s, self.advertised)
         outcome = RoundOutcome()
         try:
             result = secure.run(nodes, content, advertise_next=exchange.rnd < self.rounds)
+            _check_weight(result, secure.replies)
             outcome.new_state = apply_update(global_state, result.mean_update)
             outcome.aggregate_seconds = result.aggregate_seconds
             exchange.emit(SecureSum(exchange.rnd, list(result.survivors), result.error_bound))
-        except SecAggError as err:
+        except (SecAggError, ValueError) as err:
             outcome.skipped = f"secure aggregation failed, global model unchanged: {err}"
         self.advertised = secure.next
+        for hospital, reason in sorted(secure.offenders.items()):
+            if hospital not in self.excluded:
+                self.excluded[hospital] = reason
+                exchange.emit(HospitalExcluded(exchange.rnd, hospital, reason))
+        if self.advertised is not None and \
+                set(self.advertised.hospital_of.values()) & set(self.excluded):
+            self.advertised = None  # its keys must not be used: the next round re-advertises
         outcome.replies = sorted(secure.replies, key=lambda r: r.hospital)
         return outcome
+
+
+def _check_weight(result: SecureResult, replies: list[Reply]) -> None:
+    """Weights are public by design (each hospital reports its number of training volumes):
+    the unmasked weight sum must equal what the survivors declared, or one of them masked a
+    weight other than the one it declared and the mean would be scaled wrongly."""
+    declared = {r.hospital: r.metrics.get(wire.NUM_EXAMPLES, 0.0) for r in replies}
+    total = sum(declared.get(h, 0.0) for h in result.survivors)
+    if int(total) != result.total_weight:
+        raise ValueError(
+            f"the unmasked weight sum is {result.total_weight}, but survivors "
+            f"{', '.join(result.survivors)} declared {int(total)} training volumes: one of them "
+            "masked a weight other than the one it declared")
+
+
+def _signed(advert: Advertise, pinned: dict[str, bytes]) -> bool:
+    """Whether the pinned hospital it names really signed this advertisement."""
+    try:
+        verify_advertise(pinned[advert.sender], advert.signature, advert.run_id, advert.round,
+                         advert.sender, advert.c_public, advert.s_public)
+        return True
+    except (SecAggError, KeyError):
+        return False
+
 
 def _field(reply: Message, key: str) -> bytes:
     """A serialized protocol message from a reply; a missing or mistyped field is refused."""
     records = reply.content.config_records
     value = records[wire.SECAGG].get(key) if wire.SECAGG in records else None
     if not isinstance(value, bytes):
-        raise SecAggError(f"reply has no '{key}' bytes field (got {type(value).__name__})")
+        raise MalformedMessageError(
+            f"reply has no '{key}' bytes field (got {type(value).__name__})")
     return value
 
 
 def _masked_vector(reply: Message, hospital: str) -> np.ndarray:
     records = reply.content.array_records
     if wire.SECAGG_MASKED not in records or wire.SECAGG_MASKED not in records[wire.SECAGG_MASKED]:
-        raise SecAggError(f"hospital {hospital} sent no masked vector")
+        raise MalformedMessageError(f"hospital {hospital} sent no masked vector")
     array: Array = records[wire.SECAGG_MASKED][wire.SECAGG_MASKED]
-    vector = array.numpy()
+    try:
+        vector = array.numpy()
+    except (TypeError, ValueError) as err:
+        raise MalformedMessageError(f"hospital {hospital} sent a masked vector that is not a "
+                                    f"numpy array ({err})") from err
     if vector.dtype != np.uint32 or vector.ndim != 1:
-        raise SecAggError(f"hospital {hospital} sent a masked vector of dtype {vector.dtype} "
-                          f"and shape {vector.shape}; expected 1-D uint32")
+        raise MalformedMessageError(
+            f"hospital {hospital} sent a masked vector of dtype {vector.dtype} and shape "
+            f"{vector.shape}; expected 1-D uint32")
     return vector
 

@@ -271,7 +271,7 @@ PD = "[contrasts.pd]"
             TEST,
             "slice_mm = 4.0",
             "slice_mm = -4.0",
-            ["'t1-coronal-oblique-lowfield' ([test])", "'slice_mm'", "> 0", "-4.0"],
+            ["'t1-coronal-oblique-lowfield' ([test])", "'slice_mm'", "between 0.1 and 20", "-4.0"],
         ),
         (SE, "slices = 36", "slices = true", ["'t1-se-sagittal'", "'slices'", "whole number"]),
         (SE, "matrix = [144, 160]", "matrix = [144]", ["'t1-se-sagittal'", "'matrix'", "2"]),
@@ -333,3 +333,12 @@ def test_unreadable_profile_files(tmp_path: Path) -> None:
     no_test.write_text(_SHIPPED[: _SHIPPED.index("\n[test]\n")], encoding="utf-8")
     with pytest.raises(ProfileError, match=r"no \[test\] profile"):
         load_profiles(no_test)
+
+
+def test_profile_bounds_refuse_hostile_geometry(tmp_path: Path) -> None:
+    """A profile asking for absurd sampling is refused before anything is synthesized."""
+    text = re.sub(r"slice_mm = [0-9.]+", "slice_mm = 1000000.0", _SHIPPED, count=1)
+    path = tmp_path / "profiles.toml"
+    path.write_text(text)
+    with pytest.raises(ProfileError, match="slice_mm.*between 0.1 and 20"):
+        load_profiles(path)

@@ -21,6 +21,7 @@ from scipy.stats import chisquare
 from fedmri.common.secagg import (
     AggregateResult,
     BelowThresholdError,
+    ConsistencyRequest,
     EncryptedShare,
     KeysBroadcast,
     MalformedMessageError,
@@ -29,7 +30,6 @@ from fedmri.common.secagg import (
     ReplayError,
     SecAggClient,
     ServerAggregator,
-    ShareAuthenticationError,
     SignatureError,
     UnknownHospitalError,
     UnmaskRequest,
@@ -82,7 +82,7 @@ class Round:
               round_: int = 1, **kw: Any) -> Round:
         pinned = pinned_for(hospitals)
         server = ServerAggregator.start_round(run_id, round_, hospitals, length, pinned, **kw)
-        return cls(server, {h: SecAggClient(h, identity(h), pinned) for h in hospitals})
+        return cls(server, {h: SecAggClient(h, identity(h), pinned, **kw) for h in hospitals})
 
     def advertise(self, skip: Collection[str] = ()) -> dict[str, KeysBroadcast]:
         for h, c in self.clients.items():
@@ -95,14 +95,18 @@ class Round:
                        silent: Collection[str] = (), shares_only: Collection[str] = (),
                        vector_only: Collection[str] = ()) -> dict[str, UnmaskRequest]:
         for h, k in keys.items():
-            shares, masked = self.clients[h].share_and_mask(k, vectors[h])
+            shares, masked, vote = self.clients[h].share_and_mask(k, vectors[h])
             if h in silent:
                 continue
             if h not in vector_only:
                 self.server.receive_shares(wire(shares))
             if h not in shares_only:
                 self.server.receive_masked(wire(masked))
-        return {h: wire(r) for h, r in self.server.finish_masking().items()}
+            self.server.receive_signature(wire(vote))
+        # Someone dropped while masking: the survivors sign the survivor set (consistency).
+        for h, check in self.server.finish_masking().items():
+            self.server.receive_signature(wire(self.clients[h].sign_survivors(wire(check))))
+        return {h: wire(r) for h, r in self.server.unmask_requests().items()}
 
     def unmask(self, requests: Mapping[str, UnmaskRequest],
                silent: Collection[str] = ()) -> AggregateResult:
@@ -263,7 +267,7 @@ def test_single_masked_vector_looks_uniform() -> None:
     zero = np.zeros(length, dtype=np.uint32)
     rnd = Round.start(hospitals, length)
     keys = rnd.advertise()
-    _, masked = rnd.clients["h00"].share_and_mask(keys["h00"], zero)
+    _, masked, _ = rnd.clients["h00"].share_and_mask(keys["h00"], zero)
 
     def byte_pvalue(vec: U32) -> float:
         counts = np.bincount(np.frombuffer(vec.tobytes(), dtype=np.uint8), minlength=256)
@@ -288,29 +292,47 @@ def _flip(blob: bytes, at: int = -1) -> bytes:
     return bytes(out)
 
 
-def test_tampered_share_is_rejected_naming_sender() -> None:
-    hospitals, length = names(4), 3
+def test_tampered_share_is_its_senders_fault_not_the_holders() -> None:
+    hospitals, length = names(4), 3  # t = 3 of 4
+    vectors = random_vectors(hospitals, length)
     rnd = Round.start(hospitals, length)
-    requests = rnd.share_and_mask(rnd.advertise(), random_vectors(hospitals, length))
+    requests = rnd.share_and_mask(rnd.advertise(), vectors)
     req = requests["h00"]
     shares = tuple(EncryptedShare(s.sender, s.receiver, _flip(s.ciphertext))
                    if s.sender == "h02" else s for s in req.shares)
-    with pytest.raises(ShareAuthenticationError, match=r"from hospital h02 to h00.*AES-GCM"):
-        rnd.clients["h00"].unmask(dataclasses.replace(req, shares=shares))
-    # a share relabelled as coming from another neighbour fails too (AD binds sender)
-    relabelled = tuple(EncryptedShare("h03", s.receiver, s.ciphertext) if s.sender == "h02"
-                       else s for s in req.shares if s.sender != "h03")
-    with pytest.raises(ShareAuthenticationError, match="from hospital h03 to h00"):
-        rnd.clients["h00"].unmask(dataclasses.replace(req, shares=relabelled))
-    # nothing was revealed by the failed attempts: a correct request is still answered
-    assert rnd.clients["h00"].unmask(req).b_shares.keys() == set(hospitals)
+    # The holder does not abort: it reveals what it can read and names the unreadable share.
+    reveal = rnd.clients["h00"].unmask(dataclasses.replace(req, shares=shares))
+    assert reveal.unreadable == ("h02",) and set(reveal.b_shares) == {"h00", "h01", "h03"}
+    rnd.server.receive_reveal(wire(reveal))
+    for h in ("h01", "h02", "h03"):
+        rnd.server.receive_reveal(wire(rnd.clients[h].unmask(requests[h])))
+    result = rnd.server.aggregate()  # h02 still has t readable holders: the sum is exact
+    np.testing.assert_array_equal(result.total, modsum(vectors.values(), length))
+    assert rnd.server.unreadable_by() == {"h02": ["h00"]}
+
+
+def test_shares_unreadable_to_too_many_holders_name_their_sender() -> None:
+    hospitals, length = names(4), 3
+    rnd = Round.start(hospitals, length)
+    requests = rnd.share_and_mask(rnd.advertise(), random_vectors(hospitals, length))
+    for h in ("h00", "h01"):
+        req = requests[h]
+        bad = tuple(EncryptedShare(s.sender, s.receiver, _flip(s.ciphertext))
+                    if s.sender == "h02" else s for s in req.shares)
+        rnd.server.receive_reveal(wire(rnd.clients[h].unmask(
+            dataclasses.replace(req, shares=bad))))
+    for h in ("h02", "h03"):
+        rnd.server.receive_reveal(wire(rnd.clients[h].unmask(requests[h])))
+    with pytest.raises(BelowThresholdError, match=r"h02: 2 of the t=3.*read by h00, h01"):
+        rnd.server.aggregate()
+    assert rnd.server.short_of_shares() == ["h02"]
 
 
 def test_messages_from_another_round_or_run_are_rejected() -> None:
     hospitals, length = names(3), 2
     old = Round.start(hospitals, length, round_=1)
     old_keys = old.advertise()
-    old_shares, old_masked = old.clients["h00"].share_and_mask(
+    old_shares, old_masked, _ = old.clients["h00"].share_and_mask(
         old_keys["h00"], np.zeros(length, np.uint32))
 
     new = Round.start(hospitals, length, round_=2)
@@ -340,8 +362,9 @@ def test_share_replayed_into_next_round_fails_authentication() -> None:
     req = new.share_and_mask(new.advertise(), random_vectors(hospitals, length))["h00"]
     mixed = tuple(next(o for o in old_req.shares if o.sender == s.sender)
                   if s.sender == "h01" else s for s in req.shares)
-    with pytest.raises(ShareAuthenticationError, match="from hospital h01"):
-        new.clients["h00"].unmask(dataclasses.replace(req, shares=mixed))
+    # The replayed share fails authentication: unreadable, so nothing of h01 is revealed.
+    reveal = new.clients["h00"].unmask(dataclasses.replace(req, shares=mixed))
+    assert reveal.unreadable == ("h01",) and "h01" not in reveal.b_shares
 
 
 def test_forged_signature_and_unknown_hospital_are_rejected() -> None:
@@ -363,11 +386,11 @@ def test_forged_signature_and_unknown_hospital_are_rejected() -> None:
     # the client checks the relayed keys itself (the server may be the attacker)
     c0 = rnd.clients["h00"]
     c0.advertise(rnd.server.setup)
-    bad_keys = KeysBroadcast("run-a", 1, "h00", (forged,))
+    bad_keys = KeysBroadcast("run-a", 1, "h00", (forged,), tuple(hospitals))
     with pytest.raises(SignatureError, match="hospital h01"):
         c0.share_and_mask(bad_keys, np.zeros(length, np.uint32))
     with pytest.raises(UnknownHospitalError, match="mallory"):
-        c0.share_and_mask(KeysBroadcast("run-a", 1, "h00", (stranger,)),
+        c0.share_and_mask(KeysBroadcast("run-a", 1, "h00", (stranger,), tuple(hospitals)),
                           np.zeros(length, np.uint32))
     with pytest.raises(UnknownHospitalError, match="mallory"):
         SecAggClient("mallory", impostor, pinned_for(hospitals))
@@ -380,6 +403,21 @@ def test_setup_with_unpinned_participant_is_refused_by_client() -> None:
     client = SecAggClient("h00", identity("h00"), pinned_for(names(3)))
     with pytest.raises(UnknownHospitalError, match="zed"):
         client.advertise(rnd.server.setup)
+
+
+@pytest.mark.parametrize("field,changes", [
+    ("participants", {"participants": tuple(names(5)), "degree": 4, "threshold": 3}),
+    ("degree", {"degree": 3, "threshold": 3}), ("threshold", {"threshold": 5}),
+    ("graph_seed", {"graph_seed": b"x" * 32})])
+def test_setup_the_server_chose_is_refused(field: str, changes: dict[str, Any]) -> None:
+    """Participants, degree, threshold and graph seed follow from the member list and the
+    run and round: a (valid) setup that differs in any of them is refused by name."""
+    hospitals = names(6)
+    setup = dataclasses.replace(Round.start(hospitals, 2).server.setup, **changes)
+    setup.validate()
+    client = SecAggClient("h00", identity("h00"), pinned_for(hospitals))
+    with pytest.raises(ProtocolViolationError, match=rf"{field} is .*the pinned members give"):
+        client.advertise(setup)
 
 
 @pytest.mark.parametrize("bad", ["short", "long", "dtype", "2d"])
@@ -401,25 +439,45 @@ def test_truncated_masked_vector_bytes_are_rejected() -> None:
         MaskedVector.from_bytes(raw + b"\x00")
 
 
-def test_client_refuses_to_reveal_both_secrets_of_one_peer() -> None:
+def test_client_reveals_once_and_only_what_the_signed_set_implies() -> None:
     hospitals, length = names(5), 2
     rnd = Round.start(hospitals, length)
     requests = rnd.share_and_mask(rnd.advertise(), random_vectors(hospitals, length))
-    req = requests["h00"]
-    both = dataclasses.replace(req, dropped=("h01",))  # h01 also listed as survivor
-    with pytest.raises(ProtocolViolationError, match=r"h00 .*both.*h01"):
-        rnd.clients["h00"].unmask(both)
-    # answering honestly, then being told h01 dropped after all, is refused too
-    rnd.clients["h00"].unmask(req)
-    flipped = dataclasses.replace(req, survivors=tuple(h for h in req.survivors if h != "h01"),
-                                  dropped=("h01",))
-    with pytest.raises(ProtocolViolationError, match=r"already revealed for h01 as survived"):
-        rnd.clients["h00"].unmask(flipped)
-    # and a client never accepts being called dropped itself
-    me_dropped = dataclasses.replace(req, dropped=("h00",),
-                                     survivors=tuple(h for h in req.survivors if h != "h00"))
-    with pytest.raises(ProtocolViolationError, match="h00"):
-        rnd.clients["h01"].unmask(dataclasses.replace(me_dropped, receiver="h01"))
+    req, c0 = requests["h00"], rnd.clients["h00"]
+    # h01 also listed as dropped: the per-neighbour roles must follow the signed set
+    both = dataclasses.replace(req, dropped=("h01",))
+    with pytest.raises(ProtocolViolationError, match=r"h00.*does not match the signed"):
+        c0.unmask(both)
+    # fewer than t signatures over the set: nothing is revealed
+    weak = dataclasses.replace(req, signatures=req.signatures[:2])
+    with pytest.raises(ProtocolViolationError, match=r"only 2 valid survivor signatures"):
+        c0.unmask(weak)
+    # t signatures, but over another set (h01 dropped): not the set h00 signed
+    other = tuple(h for h in hospitals if h != "h01")
+    with pytest.raises(ProtocolViolationError, match="is not the one it signed"):
+        c0.unmask(dataclasses.replace(req, all_survivors=other))
+    c0.unmask(req)
+    with pytest.raises(ProtocolViolationError, match="cannot unmask in stage 'revealed'"):
+        c0.unmask(req)  # once per round
+
+
+def test_client_signs_at_most_one_survivor_set_besides_the_one_with_keys() -> None:
+    hospitals, length = names(5), 2
+    rnd = Round.start(hospitals, length)
+    keys = rnd.advertise()
+    c0 = rnd.clients["h00"]
+    _, _, vote = c0.share_and_mask(keys["h00"], np.zeros(length, np.uint32))
+    assert vote.survivors == tuple(hospitals)
+    first = tuple(h for h in hospitals if h != "h04")
+    assert c0.sign_survivors(ConsistencyRequest("run-a", 1, "h00", first)).survivors == first
+    assert c0.sign_survivors(ConsistencyRequest("run-a", 1, "h00", first)).survivors == first
+    second = tuple(h for h in hospitals if h != "h03")
+    with pytest.raises(ProtocolViolationError, match="already signed the survivor set"):
+        c0.sign_survivors(ConsistencyRequest("run-a", 1, "h00", second))
+    c1 = rnd.clients["h01"]
+    c1.share_and_mask(keys["h01"], np.zeros(length, np.uint32))
+    with pytest.raises(ProtocolViolationError, match="includes it"):
+        c1.sign_survivors(ConsistencyRequest("run-a", 1, "h01", ("h00", "h02", "h03")))
 
 
 def test_server_refuses_out_of_order_and_duplicate_messages() -> None:

@@ -21,15 +21,17 @@ from .errors import (
 )
 from .messages import (
     Advertise,
+    ConsistencyRequest,
     EncryptedShare,
     KeysBroadcast,
     MaskedVector,
     Reveal,
     RoundSetup,
     SharesMessage,
+    SurvivorSignature,
     UnmaskRequest,
 )
-from .protocol import new_setup
+from .protocol import expected_setup, new_setup
 from .quantize import (
     QuantConfig,
     check_no_overflow,
@@ -44,6 +46,7 @@ __all__ = [
     "AggregateResult",
     "Advertise",
     "BelowThresholdError",
+    "ConsistencyRequest",
     "EncryptedShare",
     "KeysBroadcast",
     "MalformedMessageError",
@@ -59,11 +62,13 @@ __all__ = [
     "ShareAuthenticationError",
     "SharesMessage",
     "SignatureError",
+    "SurvivorSignature",
     "UnknownHospitalError",
     "UnmaskRequest",
     "check_no_overflow",
     "dequantize",
     "error_bound",
+    "expected_setup",
     "identity_public_bytes",
     "max_safe_scale",
     "new_identity",

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .codec import Reader, Writer
 from .crypto import (
+    check_x25519_public,
     decrypt_share,
     encrypt_share,
     identity_public_bytes,
@@ -25,6 +26,8 @@ from .crypto import (
     share_ad,
     share_key,
     sign_advertise,
+    sign_survivors,
+    survivors_signature_valid,
     verify_advertise,
     x25519_private_bytes,
     x25519_public_bytes,
@@ -35,17 +38,19 @@ from .errors import (
     ProtocolViolationError,
     SecAggError,
     SignatureError,
-    UnknownHospitalError,
 )
+from .graph import DEFAULT_COMPLETE_UP_TO
 from .messages import (
     TAG_CLIENT_STATE,
     Advertise,
+    ConsistencyRequest,
     EncryptedShare,
     KeysBroadcast,
     MaskedVector,
     Reveal,
     RoundSetup,
     SharesMessage,
+    SurvivorSignature,
     UnmaskRequest,
 )
 from .protocol import (
@@ -54,26 +59,33 @@ from .protocol import (
     add_mask,
     check_current,
     check_pinned,
+    expected_setup,
     graph_of,
     pair_mask,
     pair_sign,
     self_mask,
+    setup_digest,
 )
 from .shamir import Share, split
 
 NEW, ADVERTISED, MASKED, REVEALED = "new", "advertised", "masked", "revealed"
-SURVIVED, DROPPED = "survived", "dropped"
+MAX_SIGNED_SETS = 2  # the set that got keys, and at most one smaller survivor set
 
 
 class SecAggClient:
-    """One hospital in one round: `advertise` -> `share_and_mask` -> `unmask`.
+    """One hospital in one round: `advertise` -> `share_and_mask` -> [`sign_survivors`] ->
+    `unmask`.
 
-    `pinned` maps every hospital id to its raw 32-byte Ed25519 identity public key; keys of
-    hospitals outside it, or whose signature fails, are refused by name.
+    `pinned` maps every member hospital to its raw 32-byte Ed25519 identity public key; keys
+    of hospitals outside it, or whose signature fails, are refused by name. Every pinned
+    member is a participant of every round; `degree`, `threshold` and `complete_up_to` are
+    the federation's agreed graph parameters (defaults: those of `new_setup`).
     """
 
     def __init__(self, hospital: str, identity: Ed25519PrivateKey,
-                 pinned: Mapping[str, bytes]) -> None:
+                 pinned: Mapping[str, bytes], *, degree: int | None = None,
+                 threshold: int | None = None,
+                 complete_up_to: int = DEFAULT_COMPLETE_UP_TO) -> None:
         check_pinned([hospital], pinned, f"hospital {hospital}")
         if pinned[hospital] != identity_public_bytes(identity):
             raise SignatureError(
@@ -82,13 +94,15 @@ class SecAggClient:
         self.hospital = hospital
         self._identity = identity
         self._pinned = dict(pinned)
+        self._rule = {"degree": degree, "threshold": threshold, "complete_up_to": complete_up_to}
         self._stage = NEW
         self._setup: RoundSetup | None = None
         self._c: X25519PrivateKey | None = None
         self._s: X25519PrivateKey | None = None
         self._peers: dict[str, Advertise] = {}
         self._own_b_share = b""
-        self._roles: dict[str, str] = {}
+        self._advertised: tuple[str, ...] = ()  # who got keys: the first set it signs
+        self._signed: list[tuple[str, ...]] = []  # survivor sets it signed, in order
 
     @property
     def stage(self) -> str:
@@ -110,12 +124,9 @@ class SecAggClient:
                 f"hospital {self.hospital}: already advertised in this round; make a new "
                 "SecAggClient for each round")
         setup.validate()
-        if self.hospital not in setup.participants:
-            raise UnknownHospitalError(
-                f"hospital {self.hospital} is not among the participants of run "
-                f"{setup.run_id!r} round {setup.round}")
         check_pinned(setup.participants, self._pinned,
                      f"round setup received by hospital {self.hospital}")
+        expected_setup(setup, self._pinned, **self._rule)  # type: ignore[arg-type]
         self._c, self._s = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         c_pub, s_pub = x25519_public_bytes(self._c), x25519_public_bytes(self._s)
         sig = sign_advertise(self._identity, setup.run_id, setup.round, self.hospital, c_pub,
@@ -146,16 +157,35 @@ class SecAggClient:
                     "round's graph; refusing its keys")
             verify_advertise(self._pinned[adv.sender], adv.signature, adv.run_id, adv.round,
                              adv.sender, adv.c_public, adv.s_public)
+            check_x25519_public(adv.c_public, adv.sender, "share-encryption")
+            check_x25519_public(adv.s_public, adv.sender, "mask")
             peers[adv.sender] = adv
+        advertised = keys.advertised
+        if list(advertised) != sorted(set(advertised)) or self.hospital not in advertised \
+                or not set(advertised) <= set(setup.participants):
+            raise ProtocolViolationError(
+                f"keys relayed to hospital {self.hospital}: the set of hospitals that got keys "
+                f"{list(advertised)} is not a sorted set of participants including it")
+        if set(peers) != neighbours & set(advertised):
+            raise ProtocolViolationError(
+                f"keys relayed to hospital {self.hospital} do not match the hospitals said to "
+                f"have keys: got {sorted(peers)}, expected "
+                f"{sorted(neighbours & set(advertised))}")
         if len(peers) + 1 < setup.threshold:
             raise BelowThresholdError(
                 f"hospital {self.hospital}: only {len(peers)} neighbours advertised keys; "
                 f"{setup.threshold - 1} are needed for threshold t={setup.threshold}")
         return peers
 
+    def _sign(self, setup: RoundSetup, survivors: tuple[str, ...]) -> SurvivorSignature:
+        sig = sign_survivors(self._identity, setup.run_id, setup.round, setup_digest(setup),
+                             survivors)
+        return SurvivorSignature(setup.run_id, setup.round, self.hospital, survivors, sig)
+
     def share_and_mask(self, keys: KeysBroadcast, vector: npt.NDArray[np.uint32]
-                       ) -> tuple[SharesMessage, MaskedVector]:
-        """Verify the neighbours' keys, share b and the s key, and mask the quantized vector."""
+                       ) -> tuple[SharesMessage, MaskedVector, SurvivorSignature]:
+        """Verify the neighbours' keys, share b and the s key, mask the quantized vector, and
+        sign the set of hospitals that got keys (the survivor set if none drops now)."""
         setup, c_key, s_key = self._expect((ADVERTISED,), "share and mask")
         check_current(setup, keys.run_id, keys.round, self.hospital, "keys relayed to")
         if keys.receiver != self.hospital:
@@ -192,45 +222,87 @@ class SecAggClient:
             seed = pair_seed(s_key, peers[peer].s_public, run, rnd, me, peer)
             add_mask(masked, pair_mask(seed, setup.vector_length), pair_sign(me, peer))
         self._peers, self._stage = peers, MASKED
+        self._advertised = keys.advertised
+        self._signed = [keys.advertised]
         return (SharesMessage(run, rnd, me, tuple(encrypted)),
-                MaskedVector(run, rnd, me, masked))
+                MaskedVector(run, rnd, me, masked), self._sign(setup, keys.advertised))
+
+    # consistency check (only when someone dropped during step 2) --------------------------
+    def sign_survivors(self, request: ConsistencyRequest) -> SurvivorSignature:
+        """Sign the survivor set the server shows; at most one set besides the one that got
+        keys, only sets containing this hospital, never after revealing."""
+        setup, _, _ = self._expect((MASKED,), "sign a survivor set")
+        me, survivors = self.hospital, request.survivors
+        check_current(setup, request.run_id, request.round, me, "consistency request to")
+        if request.receiver != me:
+            raise ProtocolViolationError(
+                f"hospital {me} received a consistency request addressed to {request.receiver}")
+        if list(survivors) != sorted(set(survivors)) or me not in survivors \
+                or not set(survivors) <= set(self._advertised):
+            raise ProtocolViolationError(
+                f"hospital {me}: the survivor set {list(survivors)} is not a sorted subset of "
+                "the hospitals that got keys that includes it; refusing to sign")
+        if survivors not in self._signed:
+            if len(self._signed) >= MAX_SIGNED_SETS:
+                raise ProtocolViolationError(
+                    f"hospital {me} already signed the survivor set {list(self._signed[-1])} "
+                    f"in run {setup.run_id!r} round {setup.round}; refusing to sign another "
+                    "(two stories about who survived could unmask a hospital)")
+            self._signed.append(survivors)
+        elif survivors != self._signed[-1]:
+            raise ProtocolViolationError(
+                f"hospital {me}: the server asks again for an earlier survivor set; refusing")
+        return self._sign(setup, survivors)
 
     # step 3 ------------------------------------------------------------------------------
-    def _check_roles(self, setup: RoundSetup, request: UnmaskRequest) -> tuple[set[str], set[str]]:
-        me = self.hospital
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
-            raise MalformedMessageError(f"unmask request to hospital {me} repeats a hospital")
-        both = sorted(survivors & dropped)
-        if both:
+    def _check_signatures(self, setup: RoundSetup, request: UnmaskRequest) -> tuple[str, ...]:
+        """The survivor set, once t distinct survivors signed exactly the set this hospital
+        signed last; else refuse to reveal anything."""
+        me, survivors = self.hospital, request.all_survivors
+        if survivors != self._signed[-1]:
             raise ProtocolViolationError(
-                f"hospital {me} was asked to reveal both the self-mask share and the key share "
-                f"of hospital(s) {', '.join(both)}; refusing (that would unmask their update)")
-        if me in dropped or me not in survivors:
+                f"hospital {me}: the unmask request's survivor set {list(survivors)} is not the "
+                f"one it signed ({list(self._signed[-1])}); refusing to reveal")
+        digest, signers = setup_digest(setup), set()
+        for vote in request.signatures:
+            if (vote.run_id, vote.round, vote.survivors) != (setup.run_id, setup.round,
+                                                             survivors):
+                continue
+            if vote.signer in survivors and vote.signer in self._pinned and \
+                    survivors_signature_valid(self._pinned[vote.signer], vote.signature,
+                                              setup.run_id, setup.round, digest, survivors):
+                signers.add(vote.signer)
+        if len(signers) < setup.threshold:
             raise ProtocolViolationError(
-                f"hospital {me} is answering, yet the unmask request does not list it as a "
-                "survivor; refusing")
-        strangers = sorted((survivors | dropped) - set(self._peers) - {me})
-        if strangers:
+                f"hospital {me}: only {len(signers)} valid survivor signatures over "
+                f"{list(survivors)} ({', '.join(sorted(signers)) or 'none'}), fewer than "
+                f"t={setup.threshold}; refusing to reveal (the consistency check failed)")
+        return survivors
+
+    def _check_roles(self, setup: RoundSetup, request: UnmaskRequest,
+                     survivors: tuple[str, ...]) -> tuple[set[str], set[str]]:
+        me, peers = self.hospital, set(self._peers)
+        live, dropped = (peers & set(survivors)) | {me}, peers - set(survivors)
+        if tuple(request.survivors) != tuple(sorted(live)) or \
+                tuple(request.dropped) != tuple(sorted(dropped)):
             raise ProtocolViolationError(
-                f"unmask request to hospital {me} names {', '.join(strangers)}, which are not "
-                "neighbours whose keys it received")
-        for peer in sorted(survivors | dropped):
-            role = SURVIVED if peer in survivors else DROPPED
-            if self._roles.get(peer, role) != role:
-                raise ProtocolViolationError(
-                    f"hospital {me} already revealed for {peer} as {self._roles[peer]}; "
-                    f"refusing to now treat it as {role} (that would unmask its update)")
-        if len(survivors) < setup.threshold:
+                f"unmask request to hospital {me}: neighbours {list(request.survivors)} "
+                f"survived and {list(request.dropped)} dropped does not match the signed "
+                f"survivor set (expected {sorted(live)} and {sorted(dropped)}); refusing")
+        if len(live) < setup.threshold:
             raise BelowThresholdError(
-                f"hospital {me}: only {len(survivors)} of its share holders survived, fewer "
+                f"hospital {me}: only {len(live)} of its share holders survived, fewer "
                 f"than the threshold t={setup.threshold}; refusing to reveal")
-        return survivors, dropped
+        return live, dropped
 
     def _open_shares(self, setup: RoundSetup, c_key: X25519PrivateKey,
-                     shares: tuple[EncryptedShare, ...]) -> dict[str, SharePlaintext]:
+                     shares: tuple[EncryptedShare, ...]
+                     ) -> tuple[dict[str, SharePlaintext], tuple[str, ...]]:
+        """The readable shares by sender, and the senders whose share did not decrypt or
+        decode (their fault, not this hospital's: it reveals nothing from them)."""
         me, my_x = self.hospital, setup.index_of(self.hospital)
         opened: dict[str, SharePlaintext] = {}
+        unreadable: set[str] = set()
         for enc in shares:
             if enc.receiver != me:
                 raise ProtocolViolationError(
@@ -239,53 +311,51 @@ class SecAggClient:
                 raise ProtocolViolationError(
                     f"hospital {me} was routed a share from {enc.sender}, not a neighbour "
                     "whose keys it received")
-            if enc.sender in opened:
+            if enc.sender in opened or enc.sender in unreadable:
                 raise MalformedMessageError(f"hospital {me} was routed two shares from "
                                             f"{enc.sender}")
-            key = share_key(c_key, self._peers[enc.sender].c_public, setup.run_id, setup.round,
-                            me, enc.sender)
-            ad = share_ad(setup.run_id, setup.round, SHARE_STAGE, enc.sender, me)
-            raw = decrypt_share(key, enc.ciphertext, ad, enc.sender, me)
             try:
-                plain = SharePlaintext.from_bytes(raw)
+                key = share_key(c_key, self._peers[enc.sender].c_public, setup.run_id,
+                                setup.round, me, enc.sender)
+                ad = share_ad(setup.run_id, setup.round, SHARE_STAGE, enc.sender, me)
+                plain = SharePlaintext.from_bytes(
+                    decrypt_share(key, enc.ciphertext, ad, enc.sender, me))
                 xs = {Share.from_bytes(plain.b_share).x, Share.from_bytes(plain.s_share).x}
-            except (SecAggError, ValueError) as exc:
-                raise MalformedMessageError(
-                    f"share from hospital {enc.sender} to {me} does not decode: {exc}") from exc
+            except (SecAggError, ValueError):
+                unreadable.add(enc.sender)
+                continue
             if (plain.owner, plain.holder) != (enc.sender, me) or xs != {my_x}:
-                raise MalformedMessageError(
-                    f"share from hospital {enc.sender} to {me} is labelled for "
-                    f"{plain.owner} -> {plain.holder} at x={sorted(xs)}; refusing it")
+                unreadable.add(enc.sender)
+                continue
             opened[enc.sender] = plain
-        return opened
+        return opened, tuple(sorted(unreadable))
 
     def unmask(self, request: UnmaskRequest) -> Reveal:
-        """Reveal b-shares of survivors and s-key shares / pair seeds of dropped neighbours."""
-        setup, c_key, s_key = self._expect((MASKED, REVEALED), "unmask")
+        """Reveal b-shares of survivors and s-key shares / pair seeds of dropped neighbours,
+        once, and only under t signatures over the survivor set it signed last."""
+        setup, c_key, s_key = self._expect((MASKED,), "unmask")
         me = self.hospital
         check_current(setup, request.run_id, request.round, me, "unmask request to")
         if request.receiver != me:
             raise ProtocolViolationError(
                 f"hospital {me} received an unmask request addressed to {request.receiver}")
-        survivors, dropped = self._check_roles(setup, request)
-        opened = self._open_shares(setup, c_key, request.shares)  # all before revealing any
-        b_out: dict[str, bytes] = {}
-        for peer in sorted(survivors):
-            if peer == me:
-                b_out[peer] = self._own_b_share
-            elif peer in opened:
-                b_out[peer] = opened[peer].b_share
-            else:
-                raise ProtocolViolationError(
-                    f"unmask request to hospital {me} lists {peer} as a survivor but does not "
-                    "carry its share; the server must route every survivor's share")
+        survivors = self._check_signatures(setup, request)
+        live, dropped = self._check_roles(setup, request, survivors)
+        opened, unreadable = self._open_shares(setup, c_key, request.shares)
+        routed = {e.sender for e in request.shares}
+        missing = sorted(p for p in live - {me} if p not in routed)
+        if missing:
+            raise ProtocolViolationError(
+                f"unmask request to hospital {me} lists {', '.join(missing)} as survivors but "
+                "does not carry their shares; the server must route every survivor's share")
+        b_out = {p: opened[p].b_share for p in sorted(live - {me}) if p in opened}
+        b_out[me] = self._own_b_share
         s_out = {p: opened[p].s_share for p in sorted(dropped) if p in opened}
         seeds = {p: pair_seed(s_key, self._peers[p].s_public, setup.run_id, setup.round, me, p)
                  for p in sorted(dropped)}
-        self._roles.update({p: SURVIVED for p in survivors})
-        self._roles.update({p: DROPPED for p in dropped})
         self._stage = REVEALED
-        return Reveal(setup.run_id, setup.round, me, b_out, s_out, seeds)
+        return Reveal(setup.run_id, setup.round, me, dict(sorted(b_out.items())), s_out, seeds,
+                      unreadable)
 
     # state for stateless handlers -------------------------------------------------------
     def export_state(self) -> bytes:
@@ -295,26 +365,33 @@ class SecAggClient:
         w.blob(x25519_private_bytes(self._c) if self._c else b"")
         w.blob(x25519_private_bytes(self._s) if self._s else b"")
         w.blobs([self._peers[p].to_bytes() for p in sorted(self._peers)])
-        w.blob(self._own_b_share)
-        roles = sorted(self._roles)
-        return w.texts(roles).texts([self._roles[p] for p in roles]).finish()
+        w.blob(self._own_b_share).texts(self._advertised)
+        w.blobs([Writer(0).texts(s).finish() for s in self._signed])
+        return w.finish()
 
     @classmethod
     def restore(cls, state: bytes, identity: Ed25519PrivateKey,
-                pinned: Mapping[str, bytes]) -> SecAggClient:
+                pinned: Mapping[str, bytes], **rule: int | None) -> SecAggClient:
         r = Reader(state, TAG_CLIENT_STATE, "secure-aggregation client state")
         hospital, stage = r.text(), r.text()
         setup_raw, c_raw, s_raw = r.blob(), r.blob(), r.blob()
         peers = [Advertise.from_bytes(b) for b in r.blobs()]
-        own_b = r.blob()
-        roles = dict(zip(r.texts(), r.texts(), strict=True))
+        own_b, advertised, signed = r.blob(), r.texts(), r.blobs()
         r.done()
-        client = cls(hospital, identity, pinned)
+        client = cls(hospital, identity, pinned, **rule)  # type: ignore[arg-type]
         client._stage = stage
         client._setup = RoundSetup.from_bytes(setup_raw) if setup_raw else None
         client._c = X25519PrivateKey.from_private_bytes(c_raw) if c_raw else None
         client._s = X25519PrivateKey.from_private_bytes(s_raw) if s_raw else None
         client._peers = {a.sender: a for a in peers}
         client._own_b_share = own_b
-        client._roles = roles
+        client._advertised = advertised
+        client._signed = [_read_texts(raw) for raw in signed]
         return client
+
+
+def _read_texts(raw: bytes) -> tuple[str, ...]:
+    r = Reader(raw, 0, "signed survivor set")
+    out = r.texts()
+    r.done()
+    return out

@@ -6,8 +6,10 @@
   round and the two hospitals, so keys from different purposes or rounds are independent.
 - AES-256-GCM for shares, with associated data binding (run, round, stage, sender, receiver):
   a share replayed from another round, or rerouted to another hospital, fails authentication.
-- Ed25519 long-term identity keys, pinned by the coordinator, sign each hospital's ephemeral
-  public keys for (run, round), so the server cannot substitute its own keys (no MITM).
+- Ed25519 long-term identity keys, pinned by every party, sign each hospital's ephemeral
+  public keys for (run, round), so the server cannot substitute its own keys (no MITM), and
+  the survivor set a hospital was shown (the consistency check), so the server cannot tell
+  different hospitals different stories about who survived.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SHARE_KEY_LABEL = "fedmri/secagg/share-key/v1"
 PAIR_SEED_LABEL = "fedmri/secagg/pair-seed/v1"
 ADVERTISE_LABEL = "fedmri/secagg/advertise/v1"
 SHARE_AD_LABEL = "fedmri/secagg/share-ad/v1"
+SURVIVORS_LABEL = "fedmri/secagg/survivors/v1"
 
 _RAW = serialization.Encoding.Raw
 
@@ -67,6 +70,21 @@ def derive(private: X25519PrivateKey, peer_public: bytes, peer: str, info: bytes
         raise SecAggError(f"hospital {peer}: key agreement failed (low-order public key); "
                           "refusing its keys") from exc
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+def check_x25519_public(raw: bytes, hospital: str, which: str) -> None:
+    """Refuse an ephemeral public key that is not 32 bytes or is a low-order point (its key
+    agreement gives all zeros whatever the private key: it would break every neighbour's
+    masking step, or make its masks predictable)."""
+    if len(raw) != KEY_BYTES:
+        raise MalformedMessageError(
+            f"hospital {hospital}: its {which} public key is {len(raw)} bytes, not {KEY_BYTES}")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError as exc:
+        raise MalformedMessageError(
+            f"hospital {hospital}: its {which} public key is a low-order X25519 point; "
+            "refusing it") from exc
 
 
 def _pair_info(label: str, run_id: str, round_: int, a: str, b: str) -> bytes:
@@ -129,3 +147,24 @@ def verify_advertise(identity_public: bytes, signature: bytes, run_id: str, roun
             f"hospital {hospital}: the signature on its ephemeral keys for run {run_id} round "
             f"{round_} does not verify against its pinned identity key (forged or corrupted "
             "advertisement, or the hospital's identity key changed: re-enroll it)") from exc
+
+
+def survivors_payload(run_id: str, round_: int, setup_digest: bytes,
+                      survivors: tuple[str, ...]) -> bytes:
+    return canonical(SURVIVORS_LABEL, run_id, round_, setup_digest, len(survivors), *survivors)
+
+
+def sign_survivors(identity: Ed25519PrivateKey, run_id: str, round_: int, setup_digest: bytes,
+                   survivors: tuple[str, ...]) -> bytes:
+    return identity.sign(survivors_payload(run_id, round_, setup_digest, survivors))
+
+
+def survivors_signature_valid(identity_public: bytes, signature: bytes, run_id: str,
+                              round_: int, setup_digest: bytes,
+                              survivors: tuple[str, ...]) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(identity_public).verify(
+            signature, survivors_payload(run_id, round_, setup_digest, survivors))
+        return True
+    except (InvalidSignature, ValueError):
+        return False

@@ -7,10 +7,16 @@ run id and round so a replay from another round or run is refused by name (`Repl
 Flow of round r (-> means the server relays; one arrow per direction of a round trip):
   server: RoundSetup(r) ->  client: Advertise(r)       (signed ephemeral keys; only where the
                                                         client has none for r, see below)
-  server: KeysBroadcast -> client: SharesMessage + MaskedVector   (one reply: share + mask)
+  server: KeysBroadcast -> client: SharesMessage + MaskedVector + SurvivorSignature
+                                                       (one reply: share, mask, and a signature
+                                                        over the set of hospitals that got keys)
+  [server: ConsistencyRequest -> client: SurvivorSignature]
+                                                       (only when someone dropped while masking:
+                                                        a signature over the survivor set)
   server: UnmaskRequest(r) [+ RoundSetup(r+1)]
                         -> client: Reveal(r) [+ Advertise(r+1)]
-                                                       (b-shares of survivors, key shares and
+                                                       (given t signatures over its survivor set:
+                                                        b-shares of survivors, key shares and
                                                         pairwise seeds for dropped neighbours;
                                                         fresh signed keys for the next round)
 A transport may send round r+1's RoundSetup with round r's UnmaskRequest, so that a steady-state
@@ -38,6 +44,8 @@ TAG_UNMASK = 6
 TAG_REVEAL = 7
 TAG_SHARE_PLAINTEXT = 8
 TAG_CLIENT_STATE = 9
+TAG_SIGNATURE = 10
+TAG_CONSISTENCY = 11
 
 
 @dataclass(frozen=True)
@@ -112,22 +120,70 @@ class Advertise:
 
 @dataclass(frozen=True)
 class KeysBroadcast:
-    """Server -> one hospital: the advertisements of its neighbours that advertised."""
+    """Server -> one hospital: the advertisements of its neighbours that advertised, and the
+    sorted set of every hospital whose keys the server admitted (the hospital signs it)."""
 
     run_id: str
     round: int
     receiver: str
     advertisements: tuple[Advertise, ...]
+    advertised: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         return (Writer(TAG_KEYS).text(self.run_id).u64(self.round).text(self.receiver)
-                .blobs([a.to_bytes() for a in self.advertisements]).finish())
+                .blobs([a.to_bytes() for a in self.advertisements]).texts(self.advertised)
+                .finish())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeysBroadcast:
         r = Reader(data, TAG_KEYS, "keys broadcast")
         out = cls(r.text(), r.u64(), r.text(),
-                  tuple(Advertise.from_bytes(b) for b in r.blobs()))
+                  tuple(Advertise.from_bytes(b) for b in r.blobs()), r.texts())
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class SurvivorSignature:
+    """A hospital's Ed25519 signature over (run, round, setup digest, sorted survivor set):
+    the consistency check's vote that this is the set the server showed it."""
+
+    run_id: str
+    round: int
+    signer: str
+    survivors: tuple[str, ...]
+    signature: bytes
+
+    def to_bytes(self) -> bytes:
+        return (Writer(TAG_SIGNATURE).text(self.run_id).u64(self.round).text(self.signer)
+                .texts(self.survivors).blob(self.signature).finish())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SurvivorSignature:
+        r = Reader(data, TAG_SIGNATURE, "survivor signature")
+        out = cls(r.text(), r.u64(), r.text(), r.texts(), r.blob())
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Server -> one surviving hospital: the round's survivor set, to sign (sent only when it
+    differs from the set of hospitals that got keys, which every hospital signed already)."""
+
+    run_id: str
+    round: int
+    receiver: str
+    survivors: tuple[str, ...]
+
+    def to_bytes(self) -> bytes:
+        return (Writer(TAG_CONSISTENCY).text(self.run_id).u64(self.round).text(self.receiver)
+                .texts(self.survivors).finish())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencyRequest:
+        r = Reader(data, TAG_CONSISTENCY, "consistency request")
+        out = cls(r.text(), r.u64(), r.text(), r.texts())
         r.done()
         return out
 
@@ -201,8 +257,9 @@ class MaskedVector:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Server -> one surviving hospital: which of its neighbours survived or dropped, and the
-    encrypted shares addressed to it."""
+    """Server -> one surviving hospital: which of its neighbours survived or dropped, the
+    encrypted shares addressed to it, the round's whole survivor set and the signatures of
+    the survivors over it (the hospital reveals only given t of them)."""
 
     run_id: str
     round: int
@@ -210,16 +267,20 @@ class UnmaskRequest:
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     shares: tuple[EncryptedShare, ...]
+    all_survivors: tuple[str, ...] = ()
+    signatures: tuple[SurvivorSignature, ...] = ()
 
     def to_bytes(self) -> bytes:
         w = (Writer(TAG_UNMASK).text(self.run_id).u64(self.round).text(self.receiver)
              .texts(self.survivors).texts(self.dropped))
-        return _write_shares(w, self.shares).finish()
+        return (_write_shares(w, self.shares).texts(self.all_survivors)
+                .blobs([s.to_bytes() for s in self.signatures]).finish())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskRequest:
         r = Reader(data, TAG_UNMASK, "unmask request")
-        out = cls(r.text(), r.u64(), r.text(), r.texts(), r.texts(), _read_shares(r))
+        out = cls(r.text(), r.u64(), r.text(), r.texts(), r.texts(), _read_shares(r),
+                  r.texts(), tuple(SurvivorSignature.from_bytes(b) for b in r.blobs()))
         r.done()
         return out
 
@@ -241,8 +302,9 @@ class Reveal:
     """Hospital -> server: what it may reveal for unmasking, keyed by the peer concerned.
 
     b_shares: its shares of survivors' self-mask seeds; s_shares: its shares of dropped
-    neighbours' mask keys; pair_seeds: its pairwise-mask seeds with dropped neighbours.
-    A peer appears in b_shares or in the other two, never both.
+    neighbours' mask keys; pair_seeds: its pairwise-mask seeds with dropped neighbours;
+    unreadable: neighbours whose share to it did not decrypt or decode (it reveals nothing
+    from those). A peer appears in b_shares or in the other two, never both.
     """
 
     run_id: str
@@ -251,17 +313,18 @@ class Reveal:
     b_shares: dict[str, bytes] = field(default_factory=dict)
     s_shares: dict[str, bytes] = field(default_factory=dict)
     pair_seeds: dict[str, bytes] = field(default_factory=dict)
+    unreadable: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         w = Writer(TAG_REVEAL).text(self.run_id).u64(self.round).text(self.sender)
         for items in (self.b_shares, self.s_shares, self.pair_seeds):
             _write_map(w, items)
-        return w.finish()
+        return w.texts(self.unreadable).finish()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Reveal:
         r = Reader(data, TAG_REVEAL, "reveal")
         out = cls(r.text(), r.u64(), r.text(), _read_map(r, "reveal"), _read_map(r, "reveal"),
-                  _read_map(r, "reveal"))
+                  _read_map(r, "reveal"), r.texts())
         r.done()
         return out

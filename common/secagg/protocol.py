@@ -26,10 +26,22 @@ survivor still has t revealing holders. One case cannot be recovered: a neighbou
 never arrived plus a survivor next to it that stays silent in step 3 (neither s key nor seed
 is known); the round then fails with `BelowThresholdError` naming both.
 
-Threat model: an honest-but-curious server that relays faithfully, and clients that may drop
-out. The transport (TLS and Flower node authentication) must bind each message to its sender.
-Against a server that tells hospitals different survivor lists, Bonawitz et al. add a signed
-consistency round; this design omits it to save a round trip.
+Consistency (Bonawitz et al.'s active-security check). A hospital never reveals until it holds
+t valid signatures, by distinct pinned survivors, over the survivor set it signed itself. Every
+hospital signs the set of hospitals that got keys with its masked reply; if everyone in it
+survives the masking step (the common case) those signatures suffice and the round keeps two
+round trips, else one extra step collects signatures over the smaller survivor set. A
+hospital signs that set and at most one other per round, only sets that contain it, and
+reveals once, under the last set it signed. Two survivor stories would each need t
+signatures, and 2t exceeds the holders (the complete graph, used up to 32 hospitals), so the
+server cannot show one holder "A survived" and another "A dropped". The round setup
+(participants = the pinned members, degree, threshold, graph seed) is recomputed and checked
+by every hospital (`expected_setup`), never taken from the server.
+
+Threat model: see docs/secure-aggregation.md. In short: a server that lies (different
+stories, replays, re-runs, forged setups) learns no individual update; hospitals may drop out
+or misbehave and are then left out of the round; nothing bounds what a hospital puts in its
+own update (no input validation).
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ import numpy.typing as npt
 
 from . import prg
 from .codec import Reader, Writer, canonical
-from .errors import ReplayError, UnknownHospitalError
+from .errors import ProtocolViolationError, ReplayError, UnknownHospitalError
 from .graph import DEFAULT_COMPLETE_UP_TO, build_graph, default_degree, default_threshold
 from .messages import TAG_SHARE_PLAINTEXT, RoundSetup
 
@@ -64,6 +76,27 @@ def new_setup(run_id: str, round_: int, participants: Iterable[str], vector_leng
     setup = RoundSetup(run_id, round_, parts, vector_length, k, t, seed)
     setup.validate()
     return setup
+
+
+def expected_setup(setup: RoundSetup, pinned: Iterable[str], *, degree: int | None = None,
+                   threshold: int | None = None,
+                   complete_up_to: int = DEFAULT_COMPLETE_UP_TO) -> RoundSetup:
+    """The setup a hospital accepts for `setup`'s run, round and vector length: every pinned
+    member a participant, default (or agreed) degree and threshold, the derived graph seed.
+    A setup that differs in any field is refused by name."""
+    expected = new_setup(setup.run_id, setup.round, pinned, setup.vector_length,
+                         degree=degree, threshold=threshold, complete_up_to=complete_up_to)
+    for name in ("participants", "degree", "threshold", "graph_seed"):
+        if getattr(setup, name) != getattr(expected, name):
+            raise ProtocolViolationError(
+                f"round setup for run {setup.run_id!r} round {setup.round}: {name} is "
+                f"{getattr(setup, name)!r}, but the pinned members give "
+                f"{getattr(expected, name)!r}; refusing a setup the server chose")
+    return expected
+
+
+def setup_digest(setup: RoundSetup) -> bytes:
+    return hashlib.sha256(setup.to_bytes()).digest()
 
 
 def graph_of(setup: RoundSetup) -> dict[str, frozenset[str]]:

@@ -3,8 +3,10 @@
 The server only ever holds masked vectors, encrypted shares and what survivors reveal for
 unmasking; it learns the sum of the survivors' quantized vectors and nothing about any single
 one. Each stage collects messages until the caller closes it (`finish_advertise`,
-`finish_masking`, `aggregate`), typically when every hospital answered or a deadline passed;
-hospitals that did not answer by then count as dropped.
+`finish_masking`, [`unmask_requests` after the consistency step], `aggregate`), typically
+when every hospital answered or a deadline passed; hospitals that did not answer by then count
+as dropped. A message that breaks the protocol raises a SecAggError naming its sender, which
+the caller drops (the sender then counts as dropped); the round goes on with the others.
 """
 
 from __future__ import annotations
@@ -16,22 +18,32 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from .crypto import KEY_BYTES, pair_seed, verify_advertise, x25519_public_bytes
+from .crypto import (
+    KEY_BYTES,
+    check_x25519_public,
+    pair_seed,
+    survivors_signature_valid,
+    verify_advertise,
+    x25519_public_bytes,
+)
 from .errors import (
     BelowThresholdError,
     MalformedMessageError,
     ProtocolViolationError,
+    SignatureError,
     UnknownHospitalError,
 )
 from .graph import DEFAULT_COMPLETE_UP_TO
 from .messages import (
     Advertise,
+    ConsistencyRequest,
     EncryptedShare,
     KeysBroadcast,
     MaskedVector,
     Reveal,
     RoundSetup,
     SharesMessage,
+    SurvivorSignature,
     UnmaskRequest,
 )
 from .protocol import (
@@ -43,10 +55,12 @@ from .protocol import (
     pair_mask,
     pair_sign,
     self_mask,
+    setup_digest,
 )
 from .shamir import Share, combine
 
-ADVERTISE, SHARE_MASK, UNMASK, DONE = "advertise", "share+mask", "unmask", "done"
+ADVERTISE, SHARE_MASK, CONSISTENCY, UNMASK, DONE = (
+    "advertise", "share+mask", "consistency", "unmask", "done")
 MAX_SHARE_CIPHERTEXT = 4096
 
 
@@ -78,6 +92,8 @@ class ServerAggregator:
         self._peers: dict[str, frozenset[str]] = {}  # neighbours each hospital masked with
         self._shares: dict[str, dict[str, EncryptedShare]] = {}  # sender -> receiver -> share
         self._vectors: dict[str, npt.NDArray[np.uint32]] = {}
+        self._advertised: tuple[str, ...] = ()
+        self._votes: dict[str, SurvivorSignature] = {}  # signer -> signature over the open set
         self._survivors: frozenset[str] = frozenset()
         self._asked: dict[str, UnmaskRequest] = {}
         self._reveals: dict[str, Reveal] = {}
@@ -126,6 +142,8 @@ class ServerAggregator:
             raise ProtocolViolationError(f"hospital {msg.sender} advertised twice")
         verify_advertise(self._pinned[msg.sender], msg.signature, msg.run_id, msg.round,
                          msg.sender, msg.c_public, msg.s_public)
+        check_x25519_public(msg.c_public, msg.sender, "share-encryption")
+        check_x25519_public(msg.s_public, msg.sender, "mask")
         self._adverts[msg.sender] = msg
 
     def finish_advertise(self) -> dict[str, KeysBroadcast]:
@@ -141,9 +159,10 @@ class ServerAggregator:
                 f"{', '.join(short) or '(none)'} have fewer than t={self.setup.threshold} "
                 "share holders left; the round cannot continue")
         self._stage = SHARE_MASK
+        self._advertised = tuple(sorted(live))
         s = self.setup
         return {h: KeysBroadcast(s.run_id, s.round, h,
-                                 tuple(self._adverts[p] for p in sorted(ns)))
+                                 tuple(self._adverts[p] for p in sorted(ns)), self._advertised)
                 for h, ns in self._peers.items()}
 
     # step 2 ------------------------------------------------------------------------------
@@ -185,10 +204,32 @@ class ServerAggregator:
                 f"{self.setup.vector_length}, got {got}; refusing it")
         self._vectors[msg.sender] = vec.copy()
 
-    def finish_masking(self) -> dict[str, UnmaskRequest]:
-        """Close step 2; survivors sent both shares and vector. One request per survivor."""
+    def receive_signature(self, msg: SurvivorSignature) -> None:
+        """A survivor's vote: over the set that got keys (with its masked reply), or over the
+        survivor set (in the consistency step)."""
+        allowed: Iterable[str]
+        if self._stage == SHARE_MASK:
+            allowed, expected = self._peers, self._advertised
+        else:
+            allowed, expected = self._survivors, tuple(sorted(self._survivors))
+        stage = SHARE_MASK if self._stage == SHARE_MASK else CONSISTENCY
+        self._admit(stage, msg.signer, msg.run_id, msg.round, "survivor signature", allowed)
+        if msg.signer in self._votes:
+            raise ProtocolViolationError(f"hospital {msg.signer} signed the survivor set twice")
+        if msg.survivors != expected or not survivors_signature_valid(
+                self._pinned[msg.signer], msg.signature, msg.run_id, msg.round,
+                setup_digest(self.setup), msg.survivors):
+            raise SignatureError(
+                f"hospital {msg.signer}: its signature over the survivor set {list(expected)} "
+                "is missing or does not verify against its pinned identity key")
+        self._votes[msg.signer] = msg
+
+    def finish_masking(self) -> dict[str, ConsistencyRequest]:
+        """Close step 2; survivors sent shares, vector and their vote. If all who got keys
+        survived, their votes already sign the survivor set: no request (call
+        `unmask_requests`). Else one consistency request per survivor."""
         self._require(SHARE_MASK)
-        survivors = frozenset(self._shares) & frozenset(self._vectors)
+        survivors = frozenset(self._shares) & frozenset(self._vectors) & frozenset(self._votes)
         t = self.setup.threshold
         short = {h: len(({h} | self._peers[h]) & survivors) for h in sorted(survivors)}
         short = {h: k for h, k in short.items() if k < t}
@@ -196,17 +237,37 @@ class ServerAggregator:
             detail = ", ".join(f"{h} ({k} holders)" for h, k in short.items()) or "everyone"
             raise BelowThresholdError(
                 f"run {self.setup.run_id!r} round {self.setup.round}: {len(survivors)} "
-                f"hospitals sent shares and a masked vector; fewer than t={t} share holders "
-                f"survive for {detail}; the round cannot be unmasked")
+                f"hospitals sent shares, a masked vector and their vote; fewer than t={t} "
+                f"share holders survive for {detail}; the round cannot be unmasked")
         self._survivors = survivors
         self._vectors = {h: v for h, v in self._vectors.items() if h in survivors}
+        ordered = tuple(sorted(survivors))
+        if ordered == self._advertised:
+            self._stage = CONSISTENCY
+            return {}
+        self._votes, self._stage = {}, CONSISTENCY
         s = self.setup
-        for h in sorted(survivors):
+        return {h: ConsistencyRequest(s.run_id, s.round, h, ordered) for h in ordered}
+
+    def unmask_requests(self) -> dict[str, UnmaskRequest]:
+        """Close the consistency step: one unmask request per survivor, carrying the survivor
+        set and every vote over it; t votes are needed, or nobody would reveal."""
+        self._require(CONSISTENCY)
+        ordered = tuple(sorted(self._survivors))
+        votes = tuple(self._votes[h] for h in sorted(self._votes) if h in self._survivors)
+        if len(votes) < self.setup.threshold:
+            raise BelowThresholdError(
+                f"run {self.setup.run_id!r} round {self.setup.round}: {len(votes)} survivors "
+                f"signed the survivor set, fewer than t={self.setup.threshold}; the round "
+                "cannot be unmasked")
+        s = self.setup
+        for h in ordered:
             ns = self._peers[h]
             routed = tuple(self._shares[p][h] for p in sorted(ns) if p in self._shares)
             self._asked[h] = UnmaskRequest(s.run_id, s.round, h,
-                                           tuple(sorted((ns & survivors) | {h})),
-                                           tuple(sorted(ns - survivors)), routed)
+                                           tuple(sorted((ns & self._survivors) | {h})),
+                                           tuple(sorted(ns - self._survivors)), routed,
+                                           ordered, votes)
         self._stage = UNMASK
         return dict(self._asked)
 
@@ -237,11 +298,21 @@ class ServerAggregator:
                     raise MalformedMessageError(
                         f"hospital {msg.sender}: its {kind[:-1]} for {owner} has x={share.x}, "
                         f"not its index {x}")
-        if set(msg.pair_seeds) - set(asked.dropped) or \
+        if set(msg.pair_seeds) != set(asked.dropped) or \
                 any(len(v) != KEY_BYTES for v in msg.pair_seeds.values()):
             raise MalformedMessageError(
-                f"hospital {msg.sender}: pair seeds must be {KEY_BYTES}-byte values for dropped "
-                "neighbours only")
+                f"hospital {msg.sender}: pair seeds must be {KEY_BYTES}-byte values for exactly "
+                f"its dropped neighbours {list(asked.dropped)}, got {sorted(msg.pair_seeds)}")
+        unreadable = set(msg.unreadable)
+        if not unreadable <= routed:
+            raise MalformedMessageError(
+                f"hospital {msg.sender} calls shares unreadable that it was never sent: "
+                f"{sorted(unreadable - routed)}")
+        missing = sorted(set(asked.survivors) - set(msg.b_shares) - unreadable)
+        if missing:
+            raise MalformedMessageError(
+                f"hospital {msg.sender} revealed no self-mask share for {', '.join(missing)} "
+                "and did not say why")
         self._reveals[msg.sender] = msg
 
     def _recover(self, owner: str, kind: str) -> bytes | None:
@@ -269,9 +340,13 @@ class ServerAggregator:
             b_seed = self._recover(h, "b_shares")
             if b_seed is None:
                 revealers = sorted(r for r in self._reveals if h in self._reveals[r].b_shares)
+                blamers = self.unreadable_by().get(h, [])
+                why = (f"; its shares could not be read by {', '.join(blamers)}" if blamers
+                       else "")
                 raise BelowThresholdError(
                     f"cannot remove the self mask of hospital {h}: {len(revealers)} of the "
-                    f"t={t} needed shares were revealed (by {', '.join(revealers) or 'nobody'})")
+                    f"t={t} needed shares were revealed (by {', '.join(revealers) or 'nobody'})"
+                    + why)
             add_mask(total, self_mask(b_seed, length), -1)
         dropped = sorted(set(self._peers) - self._survivors)
         for d in dropped:
@@ -296,7 +371,7 @@ class ServerAggregator:
         for v in affected:
             if key is not None:
                 seed = pair_seed(key, self._adverts[v].s_public, s.run_id, s.round, dropped, v)
-            elif v in self._reveals:
+            elif dropped in self._reveals.get(v, Reveal("", 0, "")).pair_seeds:
                 seed = self._reveals[v].pair_seeds[dropped]
             else:
                 raise BelowThresholdError(
@@ -304,6 +379,20 @@ class ServerAggregator:
                     f"unmask) and dropped hospital {dropped}: fewer than t={s.threshold} "
                     f"holders revealed {dropped}'s key shares; restart the round")
             add_mask(total, pair_mask(seed, s.vector_length), -pair_sign(v, dropped))
+
+    def short_of_shares(self) -> list[str]:
+        """Survivors whose self-mask seed has fewer than t revealed shares (after step 3)."""
+        t = self.setup.threshold
+        return [h for h in sorted(self._survivors)
+                if sum(h in r.b_shares for r in self._reveals.values()) < t]
+
+    def unreadable_by(self) -> dict[str, list[str]]:
+        """Hospital -> the holders that could not read its share (as they revealed it)."""
+        out: dict[str, list[str]] = {}
+        for holder in sorted(self._reveals):
+            for sender in self._reveals[holder].unreadable:
+                out.setdefault(sender, []).append(holder)
+        return out
 
     def _require(self, stage: str) -> None:
         if self._stage != stage:

@@ -151,10 +151,13 @@ def _real(low: float = -math.inf, high: float = math.inf, *, above: bool = False
     return convert
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _Invalid(f"must be a whole number >= 1, got {value!r}")
-    return value
+def _whole(low: int, high: int) -> _Convert:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Invalid(f"must be a whole number between {low} and {high}, got {value!r}")
+        return value
+
+    return convert
 
 
 def _array(item: _Convert, length: int) -> _Convert:
@@ -178,8 +181,6 @@ def _orientation(value: Any) -> str:
     return value
 
 
-_POSITIVE = _real(0.0, above=True)
-_NON_NEGATIVE = _real(0.0)
 _FRACTION = _real(0.0, 1.0)
 
 # How each field of a profile is checked; `contrast` is checked against the file's
@@ -188,21 +189,23 @@ _PROFILE_FIELDS: dict[str, _Convert] = {
     "name": _text,
     "contrast": _text,
     "orientation": _orientation,
-    "matrix": _array(_count, 2),
-    "pixel_mm": _array(_POSITIVE, 2),
-    "slice_mm": _POSITIVE,
-    "gap_mm": _NON_NEGATIVE,
-    "slices": _count,
+    # Bounds of real MR head acquisitions: they also keep a hostile file from asking for
+    # huge arrays or endless slice sampling.
+    "matrix": _array(_whole(16, 1024), 2),
+    "pixel_mm": _array(_real(0.1, 10.0), 2),
+    "slice_mm": _real(0.1, 20.0),
+    "gap_mm": _real(0.0, 20.0),
+    "slices": _whole(1, 1024),
     "oblique_deg": _real(-90.0, 90.0),
     "oblique_jitter_deg": _real(0.0, 90.0),
-    "gamma": _POSITIVE,
-    "bias": _NON_NEGATIVE,
+    "gamma": _real(0.0, 10.0, above=True),
+    "bias": _real(0.0, 1.0),
     "noise": _FRACTION,
     "rician": _flag,
-    "scale": _POSITIVE,
+    "scale": _real(0.0, 60000.0, above=True),  # stored as 16-bit pixels
     "skull_stripped": _flag,
-    "table_offset_mm": _array(_real(), 3),
-    "field_t": _POSITIVE,
+    "table_offset_mm": _array(_real(-500.0, 500.0), 3),
+    "field_t": _real(0.0, 20.0, above=True),
     "manufacturer": _text,
 }
 _SIGNAL_FIELDS = tuple(f.name for f in fields(Signal))
@@ -240,7 +243,18 @@ def _profile(raw: Any, slot: str, signals: Mapping[str, Signal], source: str) ->
             f"{where}: field 'contrast': no [contrasts.{values['contrast']}] in the file "
             f"(it has {', '.join(signals)})"
         )
-    return ScannerProfile(**values, signal=signal)
+    profile = ScannerProfile(**values, signal=signal)
+    check_geometry(profile, where)
+    return profile
+
+
+def check_geometry(profile: ScannerProfile, where: str) -> None:
+    """A head-sized field of view (50-400 mm in plane and across the slices)."""
+    fov = [n * mm for n, mm in zip(profile.matrix, profile.pixel_mm, strict=True)]
+    coverage = profile.slices * profile.spacing_mm
+    if not all(50.0 <= f <= 400.0 for f in fov) or not 50.0 <= coverage <= 400.0:
+        raise ProfileError(f"{where}: field of view {fov[0]:g} x {fov[1]:g} mm over "
+                           f"{coverage:g} mm of slices; each must be between 50 and 400 mm")
 
 
 def parse_profiles(data: Mapping[str, Any], source: str) -> ProfileSet:
@@ -321,7 +335,7 @@ def hospital_profile(index: int, seed: int, profiles: ProfileSet | None = None) 
     thick = float(np.round(rng.uniform(2.5, 5.0), 1))
     coverage = base.slices * base.spacing_mm
     offset = np.round(rng.uniform(-30.0, 30.0, 3))
-    return replace(
+    derived = replace(
         base,
         name=f"{base.name}-v{cycle + 1}",
         matrix=(int(round(fov[0] / pix)), int(round(fov[1] / pix))),
@@ -335,3 +349,5 @@ def hospital_profile(index: int, seed: int, profiles: ProfileSet | None = None) 
         scale=float(np.round(base.scale * rng.uniform(0.5, 2.0))),
         table_offset_mm=(float(offset[0]), float(offset[1]), float(offset[2])),
     )
+    check_geometry(derived, f"site {index} (derived from profile '{base.name}')")
+    return derived

@@ -1,0 +1,108 @@
+"""A hospital's secure-aggregation state on local disk, kept between Flower messages.
+
+Flower starts a fresh ClientApp process per message, so a round's protocol state (ephemeral
+private keys, its own shares) lives in a file per (run, round) in the node's state folder,
+written atomically, owner-only (0600), the folder 0700, both enforced on every write. It is
+deleted after the round's unmask step; files of rounds that never finished go when a later
+round of the run makes its keys, and any older than `MAX_AGE_S` go at the next write.
+
+The folder also keeps, durably, the last round of each run this hospital revealed for: a
+setup or unmask request for that round or an earlier one is refused, so a coordinator cannot
+re-run a round and difference two aggregates of the same hospital.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from fedmri.common.checkpoint import write_private
+from fedmri.common.secagg import ReplayError
+
+MAX_AGE_S = 7 * 24 * 3600.0
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_STATE = re.compile(r"secagg-(?P<run>.+)-(?P<round>\d+)\.state")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id safe to put in a file name (no '/', '*', '[', '..', no leading '.')."""
+    if not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ValueError(f"run id {run_id!r} is not a plain name (letters, digits, '.', '_', "
+                         "'-'; at most 128); refusing to use it in a file name")
+    return run_id
+
+
+class RoundStateStore:
+    """The state folder of one hospital's SuperNode."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _ready(self) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.folder, 0o700)  # also when it existed with looser permissions
+        return self.folder
+
+    def path(self, run_id: str, rnd: int) -> Path:
+        return self.folder / f"secagg-{check_run_id(run_id)}-{int(rnd)}.state"
+
+    def save(self, run_id: str, rnd: int, state: bytes) -> None:
+        self._ready()
+        write_private(self.path(run_id, rnd), state)
+        self._drop_stale()
+
+    def load(self, run_id: str, rnd: int, hospital: str) -> bytes:
+        path = self.path(run_id, rnd)
+        if not path.exists():
+            raise ValueError(f"hospital {hospital}: no secure-aggregation state {path}; this "
+                             "node did not take part in the round's earlier steps")
+        return path.read_bytes()
+
+    def drop(self, run_id: str, rnd: int) -> None:
+        self.path(run_id, rnd).unlink(missing_ok=True)
+
+    def drop_earlier(self, run_id: str, rnd: int) -> None:
+        """Delete the run's round files before `rnd` (their keys are never used again)."""
+        for path in self.folder.glob("secagg-*.state"):
+            match = _STATE.fullmatch(path.name)
+            if match and match["run"] == run_id and int(match["round"]) < rnd:
+                path.unlink(missing_ok=True)
+
+    def _drop_stale(self) -> None:
+        cutoff = time.time() - MAX_AGE_S
+        for path in self.folder.glob("secagg-*.state"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+
+    # -- replay defence ----------------------------------------------------------------------
+    def _last_path(self, run_id: str) -> Path:
+        return self.folder / f"secagg-{check_run_id(run_id)}.last"
+
+    def last_unmasked(self, run_id: str) -> int:
+        path = self._last_path(run_id)
+        if not path.exists():
+            return 0
+        try:
+            return int(json.loads(path.read_text())["round"])
+        except (ValueError, KeyError, TypeError) as err:
+            # Unreadable means unknown: refuse everything rather than risk a re-run.
+            raise ReplayError(f"the record of unmasked rounds {path} is unreadable ({err}); "
+                              "refusing to take part until an operator checks it") from err
+
+    def record_unmasked(self, run_id: str, rnd: int) -> None:
+        self._ready()
+        write_private(self._last_path(run_id), json.dumps({"round": int(rnd)}).encode())
+
+    def refuse_replay(self, run_id: str, rnd: int, hospital: str, what: str) -> None:
+        last = self.last_unmasked(run_id)
+        if rnd <= last:
+            raise ReplayError(
+                f"hospital {hospital}: {what} for run {run_id!r} round {rnd}, but it already "
+                f"revealed for round {last} of that run; refusing (a re-run round could be "
+                "differenced against the first)")
