@@ -101,13 +101,14 @@ class SecureRound:
         quant.check(len(pinned))
         # Participants are the enrolled hospitals; those that do not advertise drop out.
         self.agg = ServerAggregator.start_round(run_id, self.rnd, sorted(pinned),
-                                                vector_length + 1, pinned)
+                                                vector_length, pinned)
         self.hospital_of: dict[int, str] = {}  # this round's signed node -> hospital binding
         if advertised is not None and advertised.agg.setup == self.agg.setup \
                 and advertised.agg.pinned == pinned:
             self.agg, self.hospital_of = advertised.agg, dict(advertised.hospital_of)
         exchange.names.update(self.hospital_of)
         self.replies: list[Reply] = []
+        self.weights: dict[str, int] = {}  # declared (public) weight of each masked reply
         self.next: Advertised | None = None  # the next round's keys, after `unmask`
         self.offenders: dict[str, str] = {}  # hospital -> the malformed data it sent
 
@@ -179,9 +180,11 @@ class SecureRound:
                         f"node of hospital {hospital} sent shares as {shares.sender} and a "
                         f"vote as {vote.signer}")
                 metrics = metrics_of(reply)
+                weight = self.quant.check_weight(metrics.get(wire.NUM_EXAMPLES, 0.0), hospital)
                 self.agg.receive_shares(shares)
                 self.agg.receive_masked(MaskedVector(self.run_id, self.rnd, hospital, vector))
                 self.agg.receive_signature(vote)
+                self.weights[hospital] = weight
                 self.replies.append(Reply(hospital, metrics,
                                           upload_bytes=payload_bytes(reply.content)))
             except (SecAggError, ValueError) as err:
@@ -256,12 +259,8 @@ class SecureRound:
                     self.offenders.setdefault(hospital, "its shares could not be read by "
                                                         + ", ".join(blamed[hospital]))
             raise
-        try:
-            mean, total_weight = dequantize(result.total, self.quant.scale)
-        except ValueError as err:
-            raise SecAggError(f"the unmasked sum does not dequantize ({err}): a survivor of "
-                              f"{', '.join(result.survivors)} masked an out-of-range "
-                              "weight") from err
+        total_weight = sum(self.weights[h] for h in result.survivors)
+        mean = dequantize(result.total, self.quant.scale, total_weight)
         seconds = time.perf_counter() - started
         survivors = set(result.survivors)
         self.replies = [r for r in self.replies if r.hospital in survivors]
@@ -297,7 +296,6 @@ class SecureFedAvg:
         outcome = RoundOutcome()
         try:
             result = secure.run(nodes, content, advertise_next=exchange.rnd < self.rounds)
-            _check_weight(result, secure.replies)
             outcome.new_state = apply_update(global_state, result.mean_update)
             outcome.aggregate_seconds = result.aggregate_seconds
             exchange.emit(SecureSum(exchange.rnd, list(result.survivors), result.error_bound))
@@ -313,19 +311,6 @@ class SecureFedAvg:
             self.advertised = None  # its keys must not be used: the next round re-advertises
         outcome.replies = sorted(secure.replies, key=lambda r: r.hospital)
         return outcome
-
-
-def _check_weight(result: SecureResult, replies: list[Reply]) -> None:
-    """Weights are public by design (each hospital reports its number of training volumes):
-    the unmasked weight sum must equal what the survivors declared, or one of them masked a
-    weight other than the one it declared and the mean would be scaled wrongly."""
-    declared = {r.hospital: r.metrics.get(wire.NUM_EXAMPLES, 0.0) for r in replies}
-    total = sum(declared.get(h, 0.0) for h in result.survivors)
-    if int(total) != result.total_weight:
-        raise ValueError(
-            f"the unmasked weight sum is {result.total_weight}, but survivors "
-            f"{', '.join(result.survivors)} declared {int(total)} training volumes: one of them "
-            "masked a weight other than the one it declared")
 
 
 def _signed(advert: Advertise, pinned: dict[str, bytes]) -> bool:

@@ -10,8 +10,13 @@ before adding masks. The choices, and why:
 - Scale and stochastic rounding. x = clip(u) * w * scale is rounded down or up at random with
   probability equal to its fractional part, so the rounding is unbiased (E[q] = x) and the
   error of each hospital is below one integer unit per coordinate.
-- The weight travels as one more (integer, unscaled) coordinate, so the server learns only the
-  summed weight, which it needs to turn the sum into a mean.
+- The weight is public by design: each hospital declares it (its number of training volumes)
+  with its masked reply, and the server divides the sum by the survivors' declared weights.
+  Hiding it bought little (a count of volumes is not patient data, and nothing could verify a
+  hidden weight), while a declared weight can be range-checked and attributed: a hospital
+  declaring a weight outside 1..max_weight is refused by name. A hospital can still mask a
+  weight other than the one it declares; that scales only its own contribution, which it can
+  do to its update anyway (there is no input validation, see docs/secure-aggregation.md).
 - No wrap-around. `check_no_overflow` refuses any configuration in which the sum over n
   hospitals could leave the signed 32-bit range; then the modular sum, read as int32, is the
   true integer sum.
@@ -80,10 +85,6 @@ def check_no_overflow(n_clients: int, clip: float, max_weight: int, scale: int) 
             f"secure aggregation could overflow: {n} hospitals x (clip {clip} x max_weight "
             f"{max_w} x scale {s} + 1 rounding unit) = {worst} > 2^31-1 = {INT32_MAX}; "
             f"{hint}")
-    if n * max_w > INT32_MAX:
-        raise ValueError(
-            f"summed weights could overflow: {n} hospitals x max_weight {max_w} = "
-            f"{n * max_w} > 2^31-1 = {INT32_MAX}; lower max_weight")
 
 
 def max_safe_scale(n_clients: int, clip: float, max_weight: int) -> int:
@@ -94,7 +95,7 @@ def max_safe_scale(n_clients: int, clip: float, max_weight: int) -> int:
     # need floor(c*w*s) + 1 <= INT32_MAX // n, i.e. c*w*s < INT32_MAX // n
     budget = INT32_MAX // n
     scale = math.ceil(Fraction(budget) / (c * max_w)) - 1
-    if scale < 1 or n * max_w > INT32_MAX:
+    if scale < 1:
         raise ValueError(
             f"no integer scale avoids overflow for {n} hospitals with clip {clip} and "
             f"max_weight {max_w}; lower clip or max_weight")
@@ -127,13 +128,19 @@ class QuantConfig:
         return quantize(update, weight, clip=self.clip, scale=self.scale,
                         max_weight=self.max_weight, rng=rng)
 
+    def check_weight(self, weight: float, hospital: str) -> int:
+        """A declared weight: a whole number in 1..max_weight, or a ValueError naming it."""
+        if not float(weight).is_integer() or not 1 <= weight <= self.max_weight:
+            raise ValueError(f"hospital {hospital} declared weight {weight!r}; it must be a "
+                             f"whole number of training volumes in 1..{self.max_weight}")
+        return int(weight)
+
 
 def quantize(update: npt.ArrayLike, weight: int, *, clip: float, scale: int, max_weight: int,
              rng: np.random.Generator | None = None) -> npt.NDArray[np.uint32]:
-    """Encode clip(update) * weight * scale (flattened) plus the weight as uint32 mod 2^32.
+    """Encode clip(update) * weight * scale (flattened) as uint32 mod 2^32.
 
-    Returns a vector one longer than the update; its last coordinate is the weight. `rng`
-    drives stochastic rounding; by default a fresh generator seeded from os.urandom.
+    `rng` drives stochastic rounding; by default a fresh generator seeded from os.urandom.
     """
     values = np.asarray(update)
     if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
@@ -155,23 +162,14 @@ def quantize(update: npt.ArrayLike, weight: int, *, clip: float, scale: int, max
     scaled = np.clip(flat, -float(c), float(c)) * float(w * s)
     low = np.floor(scaled)
     rounded = low + (gen.random(scaled.shape) < (scaled - low))
-    out = np.empty(flat.size + 1, dtype=np.uint32)
-    out[:-1] = np.mod(rounded.astype(np.int64), MODULUS).astype(np.uint32)
-    out[-1] = w
-    return out
+    return np.mod(rounded.astype(np.int64), MODULUS).astype(np.uint32)
 
 
-def dequantize(total: npt.NDArray[np.uint32], scale: int
-               ) -> tuple[npt.NDArray[np.float64], int]:
-    """Turn the modular sum of quantized vectors into (weighted mean update, summed weight)."""
+def dequantize(total: npt.NDArray[np.uint32], scale: int,
+               total_weight: int) -> npt.NDArray[np.float64]:
+    """Turn the modular sum of quantized vectors into the weighted mean update."""
     arr = np.asarray(total)
-    if arr.dtype != np.uint32 or arr.ndim != 1 or arr.size < 2:
-        raise ValueError(f"expected a 1-D uint32 sum with the weight as last coordinate, "
-                         f"got dtype {arr.dtype} shape {arr.shape}")
-    signed = arr.view(np.int32)
-    total_weight = int(signed[-1])
-    if total_weight <= 0:
-        raise ValueError(f"summed weight is {total_weight}; nothing to average "
-                         "(or the configuration overflowed)")
-    mean = signed[:-1].astype(np.float64) / float(_positive_int("scale", scale)) / total_weight
-    return mean, total_weight
+    if arr.dtype != np.uint32 or arr.ndim != 1:
+        raise ValueError(f"expected a 1-D uint32 sum, got dtype {arr.dtype} shape {arr.shape}")
+    weight = _positive_int("total_weight", total_weight)
+    return arr.view(np.int32).astype(np.float64) / float(_positive_int("scale", scale)) / weight
