@@ -56,7 +56,7 @@ from fedmri.common.secagg import (
 from fedmri.common.secagg.crypto import verify_advertise
 from fedmri.common.vectors import apply_update, vector_length
 from fedmri.proto import wire
-from fedmri.proto.events import HospitalExcluded, SecureSum
+from fedmri.proto.events import HospitalExcluded, HospitalFailed, SecureSum
 from fedmri.server.exchange import Exchange, Reply, RoundOutcome, metrics_of, payload_bytes
 
 if TYPE_CHECKING:
@@ -179,9 +179,11 @@ class SecureRound:
                     raise ProtocolViolationError(
                         f"node of hospital {hospital} sent shares as {shares.sender} and a "
                         f"vote as {vote.signer}")
+                # Shares first: if the rest is refused, the hospital counts as dropped with
+                # its shares in hand, so its mask key stays recoverable and the round goes on.
+                self.agg.receive_shares(shares)
                 metrics = metrics_of(reply)
                 weight = self.quant.check_weight(metrics.get(wire.NUM_EXAMPLES, 0.0), hospital)
-                self.agg.receive_shares(shares)
                 self.agg.receive_masked(MaskedVector(self.run_id, self.rnd, hospital, vector))
                 self.agg.receive_signature(vote)
                 self.weights[hospital] = weight
@@ -259,6 +261,9 @@ class SecureRound:
                     self.offenders.setdefault(hospital, "its shares could not be read by "
                                                         + ", ".join(blamed[hospital]))
             raise
+        for sender, holders in self.agg.unreadable_by().items():
+            self.exchange.emit(HospitalFailed(self.rnd, f"{sender}: its shares could not be read "
+                                              f"by {', '.join(holders)} (not needed this time)"))
         total_weight = sum(self.weights[h] for h in result.survivors)
         mean = dequantize(result.total, self.quant.scale, total_weight)
         seconds = time.perf_counter() - started

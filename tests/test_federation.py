@@ -9,79 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LoopbackGrid
+from fake_hospital import Hospitals, delta, val_dice, weight
 from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
     Context,
-    Message,
-    MessageType,
-    MetricRecord,
     RecordDict,
 )
 
-from fedmri.client import secure_client
 from fedmri.common.config import RunConfig
-from fedmri.common.vectors import flatten_update
 from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
-from fedmri.proto import files, wire
+from fedmri.proto import files
 from fedmri.proto.events import Done, Event, HospitalFailed, RoundDone, RoundSkipped, Validated
-from fedmri.proto.node_config import NodeConfig
 from fedmri.proto.run_config import ServerSettings
 from fedmri.server.federation import Federation
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
-
-
-def weight(node: int) -> int:
-    return 2 * node + 1
-
-
-def delta(node: int, rnd: int) -> float:
-    return 0.01 * node - 0.003 * rnd
-
-
-def val_dice(node: int) -> float:
-    return 0.5 + 0.1 * node
-
-
-class Hospitals:
-    """Hospital handlers: train returns the global model moved by delta(node, round); `broken`
-    nodes raise instead, `nameless` nodes leave the hospital's name out of their replies."""
-
-    def __init__(self) -> None:
-        self.broken: set[int] = set()
-        self.nameless: set[int] = set()
-
-    def __call__(self, msg: Message, context: Context) -> Message:
-        node, index = NodeConfig.from_context(context), context.node_id
-        kind = msg.metadata.message_type
-        if index in self.broken:
-            raise RuntimeError(f"{node.hospital} crashed")
-        if kind == MessageType.QUERY:
-            return secure_client.query_step(msg, node)
-        metrics: dict[str, float] = {wire.VAL_DICE: val_dice(index), wire.VAL_LOSS: 1.0,
-                                     wire.NUM_VAL: 2.0}
-        reply = RecordDict({wire.METRICS: MetricRecord(metrics)})
-        if index not in self.nameless:
-            reply[wire.INFO] = ConfigRecord({wire.INFO_HOSPITAL: node.hospital})
-        if kind == MessageType.EVALUATE:
-            return Message(reply, reply_to=msg)
-        rnd = int(msg.metadata.group_id)
-        global_state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-        local = {k: v + delta(index, rnd) if v.is_floating_point() else v
-                 for k, v in global_state.items()}
-        metrics.update({wire.NUM_EXAMPLES: float(weight(index)), wire.TRAIN_LOSS: 0.1 * index,
-                        wire.TRAIN_SECONDS: 0.5})
-        reply[wire.METRICS] = MetricRecord(metrics)
-        if secure_client.is_secure(msg):
-            masked = secure_client.mask(msg, node, flatten_update(local, global_state),
-                                        weight(index))
-            for name, record in masked.items():
-                reply[name] = record
-        else:
-            reply[wire.ARRAYS] = ArrayRecord(local)
-        return Message(reply, reply_to=msg)
 
 
 def federation(tmp_path: Path, secure: bool, rounds: int = 2

@@ -8,6 +8,8 @@ tampering can be injected between the two sides.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +20,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 
 from fedmri.client import secure_client
 from fedmri.common.identity import load_pinned
-from fedmri.common.secagg import Advertise, KeysBroadcast, QuantConfig, SecAggError
+from fedmri.common.secagg import (
+    Advertise,
+    KeysBroadcast,
+    QuantConfig,
+    ReplayError,
+    RoundSetup,
+    SecAggError,
+    UnmaskRequest,
+)
 from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
 from fedmri.proto import wire
 from fedmri.proto.node_config import NodeConfig
@@ -221,3 +231,69 @@ def test_client_refuses_a_piggybacked_setup_that_is_not_the_next_round(tmp_path:
     assert fed.advertised is not None and sorted(fed.advertised.hospital_of) == [1, 2]
     assert_exact(fed.round(2), [1, 2, 3], 2)
     assert fed.grid.stages(2)[wire.STAGE_ADVERTISE] == [3]
+
+
+# --- a lying coordinator, through the hospitals' real handlers and state files ------------
+
+def test_a_finished_round_cannot_be_rerun_or_replayed(tmp_path: Path) -> None:
+    """Finding 2: after revealing for round 1 a hospital refuses round 1 again (a fresh setup
+    or a replayed unmask request), so two aggregates of one round cannot be differenced."""
+    fed = Federation(tmp_path, n=3, rounds=1)
+    unmask: dict[int, Message] = {}
+
+    def capture(rnd: int, stage: str, msg: Message) -> bool:
+        if stage == wire.STAGE_UNMASK:
+            unmask[msg.metadata.dst_node_id] = msg
+        return True
+
+    fed.grid.on_request = capture
+    assert_exact(fed.round(1), [1, 2, 3], 1)
+    for node in (1, 2, 3):
+        assert fed.states(node) == []  # the round's secrets are gone
+        last = fed.state_dirs[node] / f"secagg-{RUN}.last"
+        assert json.loads(last.read_text()) == {"round": 1}
+        assert oct(last.stat().st_mode & 0o777) == "0o600"
+        assert oct(fed.state_dirs[node].stat().st_mode & 0o777) == "0o700"
+    fed.grid.on_request = lambda rnd, stage, msg: True
+    rerun = fed.round(1)  # the coordinator starts round 1 over
+    assert isinstance(rerun, SecAggError)
+    assert all("already revealed for round 1" in f for f in fed.failures[1]), fed.failures[1]
+    with pytest.raises(ReplayError, match="already revealed for round 1"):
+        hospital(unmask[2], fed.grid.contexts[2])
+
+
+def test_a_setup_the_server_changed_for_one_hospital_is_refused(tmp_path: Path) -> None:
+    """Different setups per hospital: the one given another graph seed refuses it; the round
+    goes on without it."""
+    fed = Federation(tmp_path, n=4, rounds=1)
+
+    def other_seed(rnd: int, stage: str, msg: Message) -> bool:
+        if stage == wire.STAGE_ADVERTISE and msg.metadata.dst_node_id == 2:
+            record = msg.content.config_records[wire.SECAGG]
+            setup = RoundSetup.from_bytes(bytes(record[wire.SECAGG_SETUP]))  # type: ignore[arg-type]
+            record[wire.SECAGG_SETUP] = dataclasses.replace(setup, graph_seed=b"\1" * 32
+                                                            ).to_bytes()
+        return True
+
+    fed.grid.on_request = other_seed
+    assert_exact(fed.round(1), [1, 3, 4], 1)
+    assert any("node 2" in f and "graph_seed" in f for f in fed.failures[1]), fed.failures[1]
+
+
+def test_a_bad_share_is_blamed_on_its_sender_and_the_round_completes(tmp_path: Path) -> None:
+    """Finding 3: hospital 2's share to hospital 1 is garbage; hospital 1 still reveals the rest,
+    the round is exact (hospital 2 keeps t readable holders), and the server knows who."""
+    fed = Federation(tmp_path, n=4, rounds=1)
+
+    def corrupt(rnd: int, stage: str, msg: Message) -> bool:
+        if stage == wire.STAGE_UNMASK and msg.metadata.dst_node_id == 1:
+            record = msg.content.config_records[wire.SECAGG]
+            req = UnmaskRequest.from_bytes(bytes(record[wire.SECAGG_REQUEST]))  # type: ignore[arg-type]
+            shares = tuple(dataclasses.replace(s, ciphertext=b"\0" * len(s.ciphertext))
+                           if s.sender == "hospital-2" else s for s in req.shares)
+            record[wire.SECAGG_REQUEST] = dataclasses.replace(req, shares=shares).to_bytes()
+        return True
+
+    fed.grid.on_request = corrupt
+    assert_exact(fed.round(1), [1, 2, 3, 4], 1)
+    assert fed.failures[1] == []
