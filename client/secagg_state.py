@@ -6,6 +6,10 @@ written atomically, owner-only (0600), the folder 0700, both enforced on every w
 deleted after the round's unmask step; files of rounds that never finished go when a later
 round of the run makes its keys, and any older than `MAX_AGE_S` go at the next write.
 
+Each step holds an exclusive lock on the run (`locked`) from reading the state to writing it:
+two messages handled at once (a coordinator may send them) cannot both sign a survivor set or
+both reveal from the same state.
+
 The folder also keeps, durably, the last round of each run this hospital revealed for: a
 setup or unmask request for that round or an earlier one is refused, so a coordinator cannot
 re-run a round and difference two aggregates of the same hospital.
@@ -13,10 +17,13 @@ re-run a round and difference two aggregates of the same hospital.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedmri.common.checkpoint import write_private
@@ -45,6 +52,18 @@ class RoundStateStore:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.folder, 0o700)  # also when it existed with looser permissions
         return self.folder
+
+    @contextlib.contextmanager
+    def locked(self, run_id: str) -> Iterator[None]:
+        """Hold the run's lock (an flock on a file beside the state) for one step."""
+        self._ready()
+        fd = os.open(self.folder / f"secagg-{check_run_id(run_id)}.lock",
+                     os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def path(self, run_id: str, rnd: int) -> Path:
         return self.folder / f"secagg-{check_run_id(run_id)}-{int(rnd)}.state"

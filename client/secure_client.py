@@ -55,11 +55,12 @@ def stage_of(msg: Message) -> str:
 def _advertise(setup: RoundSetup, node: NodeConfig) -> bytes:
     """Fresh signed keys for the round; their private halves go to the round's state file."""
     store = _store(node)
-    store.refuse_replay(setup.run_id, setup.round, node.hospital, "a round setup")
-    client = _client(node)
-    advert = client.advertise(setup)
-    store.save(setup.run_id, setup.round, client.export_state())
-    store.drop_earlier(setup.run_id, setup.round)
+    with store.locked(setup.run_id):
+        store.refuse_replay(setup.run_id, setup.round, node.hospital, "a round setup")
+        client = _client(node)
+        advert = client.advertise(setup)
+        store.save(setup.run_id, setup.round, client.export_state())
+        store.drop_earlier(setup.run_id, setup.round)
     return advert.to_bytes()
 
 
@@ -93,9 +94,10 @@ def mask(msg: Message, node: NodeConfig, update: np.ndarray, weight: int) -> Rec
                         scale=int(record[wire.SECAGG_SCALE]),  # type: ignore[arg-type]
                         max_weight=int(record[wire.SECAGG_MAX_WEIGHT]))  # type: ignore[arg-type]
     store = _store(node)
-    client = _client(node, store.load(keys.run_id, keys.round, node.hospital))
-    shares, masked, vote = client.share_and_mask(keys, quant.quantize(update, weight))
-    store.save(keys.run_id, keys.round, client.export_state())
+    with store.locked(keys.run_id):
+        client = _client(node, store.load(keys.run_id, keys.round, node.hospital))
+        shares, masked, vote = client.share_and_mask(keys, quant.quantize(update, weight))
+        store.save(keys.run_id, keys.round, client.export_state())
     return RecordDict({
         wire.SECAGG: ConfigRecord({wire.SECAGG_SHARES: shares.to_bytes(),
                                    wire.SECAGG_VOTE: vote.to_bytes()}),
@@ -109,9 +111,10 @@ def sign_survivors(msg: Message, node: NodeConfig) -> Message:
     record = msg.content.config_records[wire.SECAGG]
     request = ConsistencyRequest.from_bytes(bytes(record[wire.SECAGG_CHECK]))  # type: ignore[arg-type]
     store = _store(node)
-    client = _client(node, store.load(request.run_id, request.round, node.hospital))
-    vote = client.sign_survivors(request)
-    store.save(request.run_id, request.round, client.export_state())
+    with store.locked(request.run_id):
+        client = _client(node, store.load(request.run_id, request.round, node.hospital))
+        vote = client.sign_survivors(request)
+        store.save(request.run_id, request.round, client.export_state())
     return Message(RecordDict({wire.SECAGG: ConfigRecord({wire.SECAGG_VOTE: vote.to_bytes()})}),
                    reply_to=msg)
 
@@ -123,11 +126,12 @@ def unmask(msg: Message, node: NodeConfig) -> Message:
     record = msg.content.config_records[wire.SECAGG]
     request = UnmaskRequest.from_bytes(bytes(record[wire.SECAGG_REQUEST]))  # type: ignore[arg-type]
     store = _store(node)
-    store.refuse_replay(request.run_id, request.round, node.hospital, "an unmask request")
-    client = _client(node, store.load(request.run_id, request.round, node.hospital))
-    reveal = client.unmask(request)
-    store.record_unmasked(request.run_id, request.round)
-    store.drop(request.run_id, request.round)
+    with store.locked(request.run_id):
+        store.refuse_replay(request.run_id, request.round, node.hospital, "an unmask request")
+        client = _client(node, store.load(request.run_id, request.round, node.hospital))
+        reveal = client.unmask(request)
+        store.record_unmasked(request.run_id, request.round)
+        store.drop(request.run_id, request.round)
     reply = ConfigRecord({wire.SECAGG_REVEAL: reveal.to_bytes()})
     if wire.SECAGG_SETUP in record:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -297,3 +298,34 @@ def test_a_bad_share_is_blamed_on_its_sender_and_the_round_completes(tmp_path: P
     fed.grid.on_request = corrupt
     assert_exact(fed.round(1), [1, 2, 3, 4], 1)
     assert fed.failures[1] == []
+
+
+def test_two_unmask_requests_at_once_reveal_only_once(tmp_path: Path) -> None:
+    """A coordinator sending the same unmask request twice in parallel gets one reveal: each
+    step holds the run's lock from reading the state to recording the reveal."""
+    fed = Federation(tmp_path, n=3, rounds=1)
+    held: list[Message] = []
+
+    def hold_node_1(rnd: int, stage: str, msg: Message) -> bool:
+        if stage == wire.STAGE_UNMASK and msg.metadata.dst_node_id == 1:
+            held.append(msg)
+            return False
+        return True
+
+    fed.grid.on_request = hold_node_1
+    assert_exact(fed.round(1), [1, 2, 3], 1)  # node 1 silent: t = 2 others reveal
+    outcomes: list[str] = []
+
+    def reveal() -> None:
+        try:
+            hospital(held[0], fed.grid.contexts[1])
+            outcomes.append("revealed")
+        except SecAggError as err:
+            outcomes.append(type(err).__name__)
+
+    threads = [threading.Thread(target=reveal) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["ReplayError", "revealed"]
