@@ -68,6 +68,11 @@ def train(msg: Message, context: Context) -> Message:
     hospital, cfg, model, data, load_s = _setup(msg, context)
     config = msg.content.config_records[wire.CONFIG]
     rnd = int(config[wire.ROUND])  # type: ignore[arg-type]
+    if secure_client.is_secure(msg):
+        # The training seed follows the secure-aggregation round, which the hospital never
+        # reveals for twice: a coordinator replaying a round number with the same weights
+        # cannot get the same update again and difference two aggregates exactly.
+        rnd = secure_client.training_round(msg, rnd, hospital)
     metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
     if bool(config.get(wire.EVAL_FIRST, False)):
         metrics.update(_val_metrics(model, data, cfg))

@@ -86,6 +86,18 @@ def advertise(msg: Message, node: NodeConfig) -> Message:
                    reply_to=msg)
 
 
+def training_round(msg: Message, config_round: int, hospital: str) -> int:
+    """The round of the keys this train message carries; refused if the run config names
+    another round."""
+    keys = KeysBroadcast.from_bytes(
+        bytes(msg.content.config_records[wire.SECAGG][wire.SECAGG_KEYS]))  # type: ignore[arg-type]
+    if keys.round != config_round:
+        raise ProtocolViolationError(
+            f"hospital {hospital}: the train message says round {config_round} but carries "
+            f"keys for secure-aggregation round {keys.round}; refusing")
+    return keys.round
+
+
 def mask(msg: Message, node: NodeConfig, update: np.ndarray, weight: int) -> RecordDict:
     """Quantize, share and mask the weighted update; the records to add to the train reply."""
     record = msg.content.config_records[wire.SECAGG]

@@ -40,6 +40,7 @@ from fedmri.common.secagg import (
     Advertise,
     BelowThresholdError,
     ConsistencyRequest,
+    InconsistentSharesError,
     MalformedMessageError,
     MaskedVector,
     ProtocolViolationError,
@@ -174,7 +175,7 @@ class SecureRound:
             try:
                 shares = SharesMessage.from_bytes(_field(reply, wire.SECAGG_SHARES))
                 vote = SurvivorSignature.from_bytes(_field(reply, wire.SECAGG_VOTE))
-                vector = _masked_vector(reply, hospital)
+                vector = _masked_vector(reply, hospital, self.agg.setup.vector_length)
                 if (shares.sender, vote.signer) != (hospital, hospital):
                     raise ProtocolViolationError(
                         f"node of hospital {hospital} sent shares as {shares.sender} and a "
@@ -252,12 +253,19 @@ class SecureRound:
         started = time.perf_counter()
         try:
             result = self.agg.aggregate()
+        except InconsistentSharesError as err:
+            self.offenders.setdefault(err.dealer, str(err))
+            raise
         except SecAggError:
             # A hospital whose self mask cannot be removed because its shares were unreadable
             # to its holders sent bad shares: it is the offender, not the holders.
+            # Only when more holders complain than could be lying without being enough to
+            # stop the round alone (holders - t + 1): a complaint cannot be checked.
             blamed = self.agg.unreadable_by()
+            setup = self.agg.setup
+            enough = setup.degree + 1 - setup.threshold + 1
             for hospital in self.agg.short_of_shares():
-                if hospital in blamed:
+                if len(blamed.get(hospital, [])) >= enough:
                     self.offenders.setdefault(hospital, "its shares could not be read by "
                                                         + ", ".join(blamed[hospital]))
             raise
@@ -338,16 +346,21 @@ def _field(reply: Message, key: str) -> bytes:
     return value
 
 
-def _masked_vector(reply: Message, hospital: str) -> np.ndarray:
+def _masked_vector(reply: Message, hospital: str, length: int) -> np.ndarray:
     records = reply.content.array_records
     if wire.SECAGG_MASKED not in records or wire.SECAGG_MASKED not in records[wire.SECAGG_MASKED]:
         raise MalformedMessageError(f"hospital {hospital} sent no masked vector")
     array: Array = records[wire.SECAGG_MASKED][wire.SECAGG_MASKED]
+    # Checked before decoding: numpy would allocate what a hostile header declares.
+    if list(array.shape) != [length] or np.dtype(array.dtype) != np.uint32:
+        raise MalformedMessageError(
+            f"hospital {hospital} sent a masked vector of dtype {array.dtype} and shape "
+            f"{array.shape}; expected uint32 of length {length}")
     try:
         vector = array.numpy()
-    except (TypeError, ValueError) as err:
-        raise MalformedMessageError(f"hospital {hospital} sent a masked vector that is not a "
-                                    f"numpy array ({err})") from err
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's
+        raise MalformedMessageError(f"hospital {hospital} sent a masked vector that does "
+                                    f"not decode ({type(err).__name__}: {err})") from err
     if vector.dtype != np.uint32 or vector.ndim != 1:
         raise MalformedMessageError(
             f"hospital {hospital} sent a masked vector of dtype {vector.dtype} and shape "

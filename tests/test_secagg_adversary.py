@@ -35,8 +35,8 @@ from fedmri.common.secagg import (
     new_identity,
 )
 from fedmri.common.secagg import client as client_module
-from fedmri.common.secagg.crypto import pair_seed
-from fedmri.common.secagg.protocol import add_mask, pair_mask, pair_sign, self_mask
+from fedmri.common.secagg.crypto import SIGNATURE_BYTES, pair_seed
+from fedmri.common.secagg.protocol import add_mask, graph_of, pair_mask, pair_sign, self_mask
 from fedmri.common.secagg.shamir import Share, combine
 
 LENGTH, RUN, ROUND = 4, "run-x", 1
@@ -44,9 +44,11 @@ LENGTH, RUN, ROUND = 4, "run-x", 1
 
 @dataclass
 class LyingServer:
-    """One round: every hospital got keys and masked; what happens next is the attacker's."""
+    """One round: every hospital got keys and masked; what happens next is the attacker's.
+    `told` may give a hospital its own story of who got keys (default: everyone)."""
 
     n: int
+    told: dict[str, tuple[str, ...]] = field(default_factory=dict)
     clients: dict[str, SecAggClient] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     masked: dict[str, MaskedVector] = field(default_factory=dict)
@@ -64,17 +66,24 @@ class LyingServer:
         rng = np.random.default_rng(self.n)
         adverts = {h: c.advertise(self.setup) for h, c in self.clients.items()}
         self.adverts = adverts
-        self.everyone = tuple(names)
+        self.everyone = tuple(sorted(names))
         self.shares: dict[str, list] = {h: [] for h in names}  # receiver -> encrypted shares
+        self.peers: dict[str, set[str]] = {}
+        graph = graph_of(self.setup)  # complete up to 32 hospitals, sparse above
         for h, c in self.clients.items():
-            keys = KeysBroadcast(RUN, ROUND, h, tuple(adverts[p] for p in names if p != h),
-                                 self.everyone)
+            told = self.told.get(h, self.everyone)
+            keys = KeysBroadcast(RUN, ROUND, h, tuple(adverts[p] for p in told if p in graph[h]),
+                                 told)
             self.vectors[h] = rng.integers(0, 2**32, LENGTH, dtype=np.uint32)
-            shares, masked, vote = c.share_and_mask(keys, self.vectors[h])
+            try:
+                shares, masked, vote = c.share_and_mask(keys, self.vectors[h])
+            except SecAggError:  # too few neighbours in its story: it sits the round out
+                continue
+            self.peers[h] = set(told) & graph[h]
             for enc in shares.shares:
                 self.shares[enc.receiver].append(enc)
             self.masked[h] = masked
-            self.votes.setdefault(self.everyone, {})[h] = vote
+            self.votes.setdefault(told, {})[h] = vote
 
     def ask_signature(self, hospital: str, survivors: tuple[str, ...]) -> None:
         try:
@@ -85,7 +94,9 @@ class LyingServer:
         self.votes.setdefault(survivors, {})[hospital] = vote
 
     def ask_reveal(self, hospital: str, survivors: tuple[str, ...]) -> None:
-        peers = set(self.everyone) - {hospital}
+        if hospital not in self.peers:
+            return
+        peers = self.peers[hospital]
         request = UnmaskRequest(
             RUN, ROUND, hospital, tuple(sorted((peers & set(survivors)) | {hospital})),
             tuple(sorted(peers - set(survivors))), tuple(self.shares[hospital]), survivors,
@@ -97,7 +108,7 @@ class LyingServer:
 
     # -- what the attacker can compute from the reveals ------------------------------------
     def _secret(self, owner: str, kind: str) -> bytes | None:
-        got = [Share.from_bytes(getattr(r, kind)[owner]) for r in self.reveals
+        got = [Share.from_bytes(getattr(r, kind)[owner][:-SIGNATURE_BYTES]) for r in self.reveals
                if owner in getattr(r, kind)]
         return combine(got, self.t) if len(got) >= self.t else None
 
@@ -105,13 +116,11 @@ class LyingServer:
         """X's quantized update if the reveals remove all of its masks, else None."""
         b_seed = self._secret(x, "b_shares")
         s_raw = self._secret(x, "s_shares")
-        if b_seed is None:
+        if b_seed is None or x not in self.masked:
             return None
         out = self.masked[x].vector.copy()
         add_mask(out, self_mask(b_seed, LENGTH), -1)
-        for v in self.everyone:
-            if v == x:
-                continue
+        for v in sorted(self.peers[x]):
             seed = next((r.pair_seeds[v] for r in self.reveals
                          if r.sender == x and v in r.pair_seeds), None)
             seed = seed or next((r.pair_seeds[x] for r in self.reveals
@@ -213,13 +222,44 @@ def test_property_random_views_never_unmask_anyone(n: int) -> None:
     """Random stories: every hospital is asked to sign one or two random sets containing it
     (it refuses what the rules forbid) and to reveal under a random one of them."""
     rng = random.Random(1000 + n)
-    for _ in range(30):
-        server = LyingServer(n)
-        names = list(server.everyone)
+    for trial in range(30):
+        names = [f"h{i}" for i in range(n)]
+        # Half the trials also tell each hospital its own story of who got keys.
+        told = {h: random_set(rng, names, h) for h in names} if trial % 2 else {}
+        server = LyingServer(n, told)
 
         signing = {h: [random_set(rng, names, h) for _ in range(rng.randint(1, 2))]
                    for h in names}
-        views = {h: rng.choice([server.everyone, *signing[h]]) for h in names}
+        views = {h: rng.choice([server.told.get(h, server.everyone), *signing[h]])
+                 for h in names}
         assert attack(server, views, signing) == []
         for x in names:  # it never holds one's self-mask seed together with all its seeds
             assert server.unmasked_update(x) is None, (n, x, views, signing)
+
+
+def sparse_attack(server: LyingServer) -> list[str]:
+    """Above 32 hospitals each has k neighbours and t is a majority of its k+1 holders only.
+    X is told half its neighbours (N1) dropped, the other half (N2) are told X dropped, and
+    hospitals outside X's neighbourhood co-sign both stories."""
+    x, t = server.everyone[0], server.t
+    neighbours = sorted(server.peers[x])
+    n1, n2 = neighbours[: t - 1], neighbours[t - 1: 2 * (t - 1)]
+    outsiders = [h for h in server.everyone if h != x and h not in server.peers[x]]
+    story_x = _sorted(*(set(server.everyone) - set(n1)))
+    story_2 = _sorted(*(set(server.everyone) - {x}))
+    half = len(outsiders) // 2
+    signing = {x: [story_x], **{w: [story_x] for w in outsiders[:half]},
+               **{v: [story_2] for v in n2}, **{w: [story_2] for w in outsiders[half:]}}
+    views = {x: story_x, **dict.fromkeys(n1, server.everyone), **dict.fromkeys(n2, story_2)}
+    return attack(server, views, signing)
+
+
+def test_sparse_graph_needs_a_majority_of_all_participants() -> None:
+    """With 33 hospitals (degree 16, t = 9) two stories each vouched for by t hospitals would
+    unmask h0 (the control shows it); votes from a majority of all participants stop it."""
+    with without_consistency_check():
+        assert "h0" in sparse_attack(LyingServer(33))
+    server = LyingServer(33)
+    assert server.setup.degree < 32 and server.t < 17
+    assert sparse_attack(server) == []
+    assert server.unmasked_update("h0") is None

@@ -23,6 +23,7 @@ from fedmri.common.secagg import (
     BelowThresholdError,
     ConsistencyRequest,
     EncryptedShare,
+    InconsistentSharesError,
     KeysBroadcast,
     MalformedMessageError,
     MaskedVector,
@@ -40,6 +41,8 @@ from fedmri.common.secagg import (
     new_identity,
     quantize,
 )
+from fedmri.common.secagg import client as client_module
+from fedmri.common.secagg.shamir import PRIME, Share
 
 M = TypeVar("M")
 U32 = npt.NDArray[np.uint32]
@@ -489,3 +492,45 @@ def test_server_refuses_out_of_order_and_duplicate_messages() -> None:
         rnd.server.receive_advertise(adv)
     with pytest.raises(ProtocolViolationError, match="stage 'advertise'"):
         rnd.server.receive_masked(MaskedVector("run-a", 1, "h00", np.zeros(length, np.uint32)))
+
+
+def test_a_share_a_holder_altered_is_refused_naming_the_holder() -> None:
+    """Shares carry their dealer's signature: a holder revealing another value is caught."""
+    hospitals, length = names(4), 2
+    rnd = Round.start(hospitals, length)
+    requests = rnd.share_and_mask(rnd.advertise(), random_vectors(hospitals, length))
+    reveal = rnd.clients["h01"].unmask(requests["h01"])
+    raw = bytearray(reveal.b_shares["h00"])
+    raw[10] ^= 1  # inside the share, before the signature
+    forged = dataclasses.replace(reveal, b_shares={**reveal.b_shares, "h00": bytes(raw)})
+    with pytest.raises(MalformedMessageError, match=r"hospital h01: its self-mask share for "
+                                                    r"h00 .*not the one h00 dealt"):
+        rnd.server.receive_reveal(wire(forged))
+
+
+def test_a_dealer_with_inconsistent_shares_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hospital that signs shares not on one polynomial is the one blamed, not its holders."""
+    hospitals, length = names(4), 2
+    rnd = Round.start(hospitals, length)
+    keys = rnd.advertise()
+    real_split = client_module.split
+
+    def bad_split(secret: bytes, t: int, xs: list[int]) -> list[Share]:
+        shares = real_split(secret, t, xs)
+        return [Share(s.x, (s.y + 1) % PRIME) if i == 0 else s for i, s in enumerate(shares)]
+
+    vectors = random_vectors(hospitals, length)
+    for h in hospitals:
+        if h == "h02":
+            monkeypatch.setattr(client_module, "split", bad_split)
+        shares, masked, vote = rnd.clients[h].share_and_mask(keys[h], vectors[h])
+        monkeypatch.setattr(client_module, "split", real_split)
+        rnd.server.receive_shares(wire(shares))
+        rnd.server.receive_masked(wire(masked))
+        rnd.server.receive_signature(wire(vote))
+    assert rnd.server.finish_masking() == {}
+    requests = {h: wire(r) for h, r in rnd.server.unmask_requests().items()}
+    with pytest.raises(InconsistentSharesError, match="hospital h02: the shares it signed") \
+            as caught:
+        rnd.unmask(requests)
+    assert caught.value.dealer == "h02"

@@ -11,6 +11,7 @@ from .client import SecAggClient
 from .crypto import identity_public_bytes, new_identity
 from .errors import (
     BelowThresholdError,
+    InconsistentSharesError,
     MalformedMessageError,
     ProtocolViolationError,
     ReplayError,
@@ -48,6 +49,7 @@ __all__ = [
     "BelowThresholdError",
     "ConsistencyRequest",
     "EncryptedShare",
+    "InconsistentSharesError",
     "KeysBroadcast",
     "MalformedMessageError",
     "MaskedVector",

@@ -22,10 +22,12 @@ from .crypto import (
     decrypt_share,
     encrypt_share,
     identity_public_bytes,
+    open_signed_share,
     pair_seed,
     share_ad,
     share_key,
     sign_advertise,
+    sign_share,
     sign_survivors,
     survivors_signature_valid,
     verify_advertise,
@@ -65,6 +67,7 @@ from .protocol import (
     pair_sign,
     self_mask,
     setup_digest,
+    votes_needed,
 )
 from .shamir import Share, split
 
@@ -208,11 +211,13 @@ class SecAggClient:
         s_shares = split(x25519_private_bytes(s_key), setup.threshold, xs)
         encrypted = []
         for holder, b_sh, s_sh in zip(holders, b_shares, s_shares, strict=True):
+            b_signed = sign_share(self._identity, run, rnd, me, holder, "b", b_sh.to_bytes())
             if holder == me:
-                self._own_b_share = b_sh.to_bytes()
+                self._own_b_share = b_signed
                 continue
             key = share_key(c_key, peers[holder].c_public, run, rnd, me, holder)
-            plain = SharePlaintext(me, holder, b_sh.to_bytes(), s_sh.to_bytes()).to_bytes()
+            s_signed = sign_share(self._identity, run, rnd, me, holder, "s", s_sh.to_bytes())
+            plain = SharePlaintext(me, holder, b_signed, s_signed).to_bytes()
             blob = encrypt_share(key, plain, share_ad(run, rnd, SHARE_STAGE, me, holder))
             encrypted.append(EncryptedShare(me, holder, blob))
 
@@ -272,11 +277,12 @@ class SecAggClient:
                     survivors_signature_valid(self._pinned[vote.signer], vote.signature,
                                               setup.run_id, setup.round, digest, survivors):
                 signers.add(vote.signer)
-        if len(signers) < setup.threshold:
+        if len(signers) < votes_needed(setup):
             raise ProtocolViolationError(
                 f"hospital {me}: only {len(signers)} valid survivor signatures over "
-                f"{list(survivors)} ({', '.join(sorted(signers)) or 'none'}), fewer than "
-                f"t={setup.threshold}; refusing to reveal (the consistency check failed)")
+                f"{list(survivors)} ({', '.join(sorted(signers)) or 'none'}), fewer than the "
+                f"{votes_needed(setup)} needed; refusing to reveal (the consistency check "
+                "failed)")
         return survivors
 
     def _check_roles(self, setup: RoundSetup, request: UnmaskRequest,
@@ -320,7 +326,9 @@ class SecAggClient:
                 ad = share_ad(setup.run_id, setup.round, SHARE_STAGE, enc.sender, me)
                 plain = SharePlaintext.from_bytes(
                     decrypt_share(key, enc.ciphertext, ad, enc.sender, me))
-                xs = {Share.from_bytes(plain.b_share).x, Share.from_bytes(plain.s_share).x}
+                xs = {Share.from_bytes(open_signed_share(
+                    self._pinned[enc.sender], signed, setup.run_id, setup.round, enc.sender, me,
+                    kind)).x for signed, kind in ((plain.b_share, "b"), (plain.s_share, "s"))}
             except (SecAggError, ValueError):
                 unreadable.add(enc.sender)
                 continue

@@ -34,6 +34,7 @@ PAIR_SEED_LABEL = "fedmri/secagg/pair-seed/v1"
 ADVERTISE_LABEL = "fedmri/secagg/advertise/v1"
 SHARE_AD_LABEL = "fedmri/secagg/share-ad/v1"
 SURVIVORS_LABEL = "fedmri/secagg/survivors/v1"
+SHARE_SIGNATURE_LABEL = "fedmri/secagg/share-signature/v1"
 
 _RAW = serialization.Encoding.Raw
 
@@ -168,3 +169,28 @@ def survivors_signature_valid(identity_public: bytes, signature: bytes, run_id: 
         return True
     except (InvalidSignature, ValueError):
         return False
+
+
+def _share_payload(run_id: str, round_: int, owner: str, holder: str, kind: str,
+                   share: bytes) -> bytes:
+    return canonical(SHARE_SIGNATURE_LABEL, run_id, round_, owner, holder, kind, share)
+
+
+def sign_share(identity: Ed25519PrivateKey, run_id: str, round_: int, owner: str, holder: str,
+               kind: str, share: bytes) -> bytes:
+    """`share` followed by its dealer's signature: a revealed share is then attributable, to
+    the holder that altered it or to the dealer that dealt it."""
+    return share + identity.sign(_share_payload(run_id, round_, owner, holder, kind, share))
+
+
+def open_signed_share(identity_public: bytes, signed: bytes, run_id: str, round_: int,
+                      owner: str, holder: str, kind: str) -> bytes:
+    """The share inside `signed`, if its dealer `owner` signed it for `holder`."""
+    share, signature = signed[:-SIGNATURE_BYTES], signed[-SIGNATURE_BYTES:]
+    try:
+        Ed25519PublicKey.from_public_bytes(identity_public).verify(
+            signature, _share_payload(run_id, round_, owner, holder, kind, share))
+    except (InvalidSignature, ValueError) as exc:
+        raise SignatureError(f"a share of hospital {owner} held by {holder} does not carry "
+                             f"{owner}'s signature") from exc
+    return share

@@ -38,3 +38,11 @@ class BelowThresholdError(SecAggError):
 
 class ProtocolViolationError(SecAggError):
     """A message arrives in the wrong stage or asks for something the protocol forbids."""
+
+
+class InconsistentSharesError(MalformedMessageError):
+    """A hospital's signed shares do not fit one secret: it dealt them wrongly."""
+
+    def __init__(self, dealer: str, message: str) -> None:
+        super().__init__(message)
+        self.dealer = dealer

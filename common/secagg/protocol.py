@@ -32,9 +32,10 @@ hospital signs the set of hospitals that got keys with its masked reply; if ever
 survives the masking step (the common case) those signatures suffice and the round keeps two
 round trips, else one extra step collects signatures over the smaller survivor set. A
 hospital signs that set and at most one other per round, only sets that contain it, and
-reveals once, under the last set it signed. Two survivor stories would each need t
-signatures, and 2t exceeds the holders (the complete graph, used up to 32 hospitals), so the
-server cannot show one holder "A survived" and another "A dropped". The round setup
+reveals once, under the last set it signed. Votes are needed from t survivors and from a
+strict majority of all participants (`votes_needed`), so two conflicting survivor stories can
+never both gather theirs: the server cannot show one holder "A survived" and another "A
+dropped". The round setup
 (participants = the pinned members, degree, threshold, graph seed) is recomputed and checked
 by every hospital (`expected_setup`), never taken from the server.
 
@@ -93,6 +94,14 @@ def expected_setup(setup: RoundSetup, pinned: Iterable[str], *, degree: int | No
                 f"{getattr(setup, name)!r}, but the pinned members give "
                 f"{getattr(expected, name)!r}; refusing a setup the server chose")
     return expected
+
+
+def votes_needed(setup: RoundSetup) -> int:
+    """Signatures over a survivor set before anyone reveals: the threshold t, and at least a
+    strict majority of all participants, so two survivor stories can never both gather their
+    votes (with the sparse graph of large federations t is a majority of a hospital's holders
+    only, and outsiders could otherwise vouch for a third story)."""
+    return max(setup.threshold, len(setup.participants) // 2 + 1)
 
 
 def setup_digest(setup: RoundSetup) -> bytes:

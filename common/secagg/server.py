@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .crypto import (
     KEY_BYTES,
+    SIGNATURE_BYTES,
     check_x25519_public,
+    open_signed_share,
     pair_seed,
     survivors_signature_valid,
     verify_advertise,
@@ -28,6 +30,7 @@ from .crypto import (
 )
 from .errors import (
     BelowThresholdError,
+    InconsistentSharesError,
     MalformedMessageError,
     ProtocolViolationError,
     SignatureError,
@@ -56,6 +59,7 @@ from .protocol import (
     pair_sign,
     self_mask,
     setup_digest,
+    votes_needed,
 )
 from .shamir import Share, combine
 
@@ -255,11 +259,11 @@ class ServerAggregator:
         self._require(CONSISTENCY)
         ordered = tuple(sorted(self._survivors))
         votes = tuple(self._votes[h] for h in sorted(self._votes) if h in self._survivors)
-        if len(votes) < self.setup.threshold:
+        if len(votes) < votes_needed(self.setup):
             raise BelowThresholdError(
                 f"run {self.setup.run_id!r} round {self.setup.round}: {len(votes)} survivors "
-                f"signed the survivor set, fewer than t={self.setup.threshold}; the round "
-                "cannot be unmasked")
+                f"signed the survivor set, fewer than the {votes_needed(self.setup)} needed "
+                "(t, and a majority of all participants); the round cannot be unmasked")
         s = self.setup
         for h in ordered:
             ns = self._peers[h]
@@ -288,12 +292,15 @@ class ServerAggregator:
                     f"hospital {msg.sender} revealed {kind} for {', '.join(extra)}, which it "
                     "was not asked for")
             for owner, raw in items.items():
+                letter = "b" if items is msg.b_shares else "s"
                 try:
-                    share = Share.from_bytes(raw)
-                except ValueError as exc:
+                    share = Share.from_bytes(open_signed_share(
+                        self._pinned[owner], raw, msg.run_id, msg.round, owner, msg.sender,
+                        letter))
+                except (SignatureError, ValueError) as exc:
                     raise MalformedMessageError(
-                        f"hospital {msg.sender}: its {kind[:-1]} for {owner} is malformed: "
-                        f"{exc}") from exc
+                        f"hospital {msg.sender}: its {kind[:-1]} for {owner} is malformed or "
+                        f"not the one {owner} dealt it: {exc}") from exc
                 if share.x != x:
                     raise MalformedMessageError(
                         f"hospital {msg.sender}: its {kind[:-1]} for {owner} has x={share.x}, "
@@ -318,16 +325,18 @@ class ServerAggregator:
     def _recover(self, owner: str, kind: str) -> bytes | None:
         """Combine the revealed shares of `owner`'s b seed or s key; None if fewer than t."""
         t = self.setup.threshold
-        got = [Share.from_bytes(getattr(r, kind)[owner]) for r in self._reveals.values()
-               if owner in getattr(r, kind)]
+        got = [Share.from_bytes(getattr(r, kind)[owner][:-SIGNATURE_BYTES])
+               for r in self._reveals.values() if owner in getattr(r, kind)]
         if len(got) < t:
             return None
         try:
             return combine(got, t)
         except ValueError as exc:
-            raise MalformedMessageError(
-                f"cannot recover the {'self-mask seed' if kind == 'b_shares' else 'mask key'} "
-                f"of hospital {owner}: {exc}") from exc
+            # Every share carries its dealer's checked signature: the dealer dealt them wrong.
+            raise InconsistentSharesError(
+                owner, f"cannot recover the "
+                f"{'self-mask seed' if kind == 'b_shares' else 'mask key'} of hospital {owner}: "
+                f"the shares it signed do not fit one secret ({exc})") from exc
 
     def aggregate(self) -> AggregateResult:
         """Close step 3: remove all masks and return the survivors' exact modular sum."""
@@ -365,9 +374,9 @@ class ServerAggregator:
         if s_raw is not None:
             key = X25519PrivateKey.from_private_bytes(s_raw)
             if x25519_public_bytes(key) != self._adverts[dropped].s_public:
-                raise MalformedMessageError(
-                    f"the recovered mask key of dropped hospital {dropped} does not match its "
-                    "advertised public key: a holder revealed a wrong share")
+                raise InconsistentSharesError(
+                    dropped, f"the recovered mask key of dropped hospital {dropped} does not "
+                    "match its advertised public key: it dealt wrong key shares")
         for v in affected:
             if key is not None:
                 seed = pair_seed(key, self._adverts[v].s_public, s.run_id, s.round, dropped, v)
