@@ -17,7 +17,9 @@ from flwr.app import (
 )
 
 from fedmri.client import secure_client
-from fedmri.common.secagg import Reveal
+from fedmri.common.identity import load_identity
+from fedmri.common.secagg import Advertise, Reveal
+from fedmri.common.secagg.crypto import advertise_payload
 from fedmri.common.vectors import flatten_update
 from fedmri.proto import wire
 from fedmri.proto.node_config import NodeConfig
@@ -61,6 +63,8 @@ class Hospitals:
             reply = secure_client.query_step(msg, node)
             if fault == "missing-seed":
                 drop_pair_seeds(reply)
+            if fault == "low-order-key":
+                low_order_key(reply, node)
             return reply
         metrics: dict[str, float] = {wire.VAL_DICE: val_dice(index), wire.VAL_LOSS: 1.0,
                                      wire.NUM_VAL: 2.0}
@@ -97,3 +101,15 @@ def drop_pair_seeds(reply: Message) -> None:
         record[wire.SECAGG_REVEAL] = Reveal(reveal.run_id, reveal.round, reveal.sender,
                                             reveal.b_shares, reveal.s_shares, {},
                                             reveal.unreadable).to_bytes()
+
+
+def low_order_key(reply: Message, node: NodeConfig) -> None:
+    """Replace the advertised share key by a low-order point, signed with the real identity."""
+    record = reply.content.config_records[wire.SECAGG]
+    if wire.SECAGG_ADVERT in record:
+        adv = Advertise.from_bytes(bytes(record[wire.SECAGG_ADVERT]))  # type: ignore[arg-type]
+        key = b"\0" * 32
+        signature = load_identity(node.require("identity_key", "test")).sign(
+            advertise_payload(adv.run_id, adv.round, adv.sender, key, adv.s_public))
+        record[wire.SECAGG_ADVERT] = Advertise(adv.run_id, adv.round, adv.sender, key,
+                                               adv.s_public, signature).to_bytes()

@@ -18,7 +18,15 @@ from flwr.app import (
 from fedmri.common.config import RunConfig
 from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
 from fedmri.proto import files
-from fedmri.proto.events import Done, Event, HospitalFailed, RoundDone, RoundSkipped, Validated
+from fedmri.proto.events import (
+    Done,
+    Event,
+    HospitalExcluded,
+    HospitalFailed,
+    RoundDone,
+    RoundSkipped,
+    Validated,
+)
 from fedmri.proto.run_config import ServerSettings
 from fedmri.server.federation import Federation
 
@@ -26,16 +34,16 @@ pytestmark = pytest.mark.usefixtures("serverapp_identity")
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 
 
-def federation(tmp_path: Path, secure: bool, rounds: int = 2
-               ) -> tuple[Federation, Hospitals, list[Event]]:
-    pinned = enroll_hospitals(tmp_path / "nodes", HOSPITALS)
+def federation(tmp_path: Path, secure: bool, rounds: int = 2,
+               hospitals_: list[str] = HOSPITALS) -> tuple[Federation, Hospitals, list[Event]]:
+    pinned = enroll_hospitals(tmp_path / "nodes", hospitals_)
     contexts = {i: Context(run_id=7, node_id=i, node_config=enrolled_node(
         tmp_path / "nodes", h, pinned).to_node_config(), state=RecordDict(), run_config={})
-        for i, h in enumerate(HOSPITALS, 1)}
+        for i, h in enumerate(hospitals_, 1)}
     hospitals = Hospitals()
     events: list[Event] = []
     cfg = RunConfig(size=16, rounds=rounds, secure=secure, secure_max_weight=100)
-    settings = ServerSettings(out_dir=tmp_path / "out", min_nodes=3, node_wait_s=1.0,
+    settings = ServerSettings(out_dir=tmp_path / "out", min_nodes=len(hospitals_), node_wait_s=1.0,
                               pinned_keys=pinned)
     return (Federation(LoopbackGrid(contexts, hospitals), cfg, settings, "7", events.append),
             hospitals, events)
@@ -106,3 +114,17 @@ def test_a_round_without_updates_is_skipped_and_keeps_the_model(tmp_path: Path,
     skipped = [e for e in events if isinstance(e, RoundSkipped)]
     assert len(skipped) == 1 and "global model unchanged" in skipped[0].reason
     assert len(fed.history[0].failures) >= 3
+
+
+def test_a_hospital_advertising_a_low_order_key_is_excluded(tmp_path: Path) -> None:
+    """Its (validly signed) key is refused at advertise; it is named and excluded, and both
+    rounds complete with the other three."""
+    fed, _, events = federation(tmp_path, secure=True,
+                                hospitals_=[*HOSPITALS, "faulty-low-order-key"])
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    fed.run()
+    excluded = [e for e in events if isinstance(e, HospitalExcluded)]
+    assert [(e.round, e.hospital) for e in excluded] == [(1, "faulty-low-order-key")]
+    assert "low-order" in excluded[0].reason
+    assert [e.round for e in events if isinstance(e, RoundDone)] == [1, 2]
+    assert_moved(fed, start, mean_delta([1, 2, 3], 1) + mean_delta([1, 2, 3], 2), 1e-4)

@@ -42,6 +42,7 @@ from fedmri.common.secagg import (
     quantize,
 )
 from fedmri.common.secagg import client as client_module
+from fedmri.common.secagg.crypto import advertise_payload
 from fedmri.common.secagg.shamir import PRIME, Share
 
 M = TypeVar("M")
@@ -534,3 +535,16 @@ def test_a_dealer_with_inconsistent_shares_is_named(monkeypatch: pytest.MonkeyPa
             as caught:
         rnd.unmask(requests)
     assert caught.value.dealer == "h02"
+
+
+@pytest.mark.parametrize("key,why", [(b"\0" * 32, "low-order"), (b"\x09" * 31, "31 bytes")])
+def test_a_signed_but_bad_ephemeral_key_is_refused_at_advertise(key: bytes, why: str) -> None:
+    """A hospital's own (validly signed) low-order or short key is refused by the server, so
+    it never reaches, and breaks, a neighbour's masking step."""
+    hospitals = names(3)
+    rnd = Round.start(hospitals, 2)
+    adv = rnd.clients["h01"].advertise(rnd.server.setup)
+    bad = dataclasses.replace(adv, c_public=key, signature=identity("h01").sign(
+        advertise_payload("run-a", 1, "h01", key, adv.s_public)))
+    with pytest.raises(MalformedMessageError, match=rf"hospital h01: .*{why}"):
+        rnd.server.receive_advertise(bad)
