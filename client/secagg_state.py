@@ -69,7 +69,7 @@ class RoundStateStore:
         return self.folder / f"secagg-{check_run_id(run_id)}-{int(rnd)}.state"
 
     def save(self, run_id: str, rnd: int, state: bytes) -> None:
-        self._ready()
+        """Under `locked`, which made the folder (0700)."""
         write_private(self.path(run_id, rnd), state)
         self._drop_stale()
 
@@ -115,7 +115,7 @@ class RoundStateStore:
                               "refusing to take part until an operator checks it") from err
 
     def record_unmasked(self, run_id: str, rnd: int) -> None:
-        self._ready()
+        """Under `locked`, which made the folder (0700)."""
         write_private(self._last_path(run_id), json.dumps({"round": int(rnd)}).encode())
 
     def refuse_replay(self, run_id: str, rnd: int, hospital: str, what: str) -> None:

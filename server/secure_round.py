@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ConfigRecord, Message, MessageType, RecordDict
@@ -176,10 +176,8 @@ class SecureRound:
                 shares = SharesMessage.from_bytes(_field(reply, wire.SECAGG_SHARES))
                 vote = SurvivorSignature.from_bytes(_field(reply, wire.SECAGG_VOTE))
                 vector = _masked_vector(reply, hospital, self.agg.setup.vector_length)
-                if (shares.sender, vote.signer) != (hospital, hospital):
-                    raise ProtocolViolationError(
-                        f"node of hospital {hospital} sent shares as {shares.sender} and a "
-                        f"vote as {vote.signer}")
+                self._check_sender(reply, shares.sender, "shares message")
+                self._check_sender(reply, vote.signer, "survivor signature")
                 # Shares first: if the rest is refused, the hospital counts as dropped with
                 # its shares in hand, so its mask key stays recoverable and the round goes on.
                 self.agg.receive_shares(shares)
@@ -193,43 +191,44 @@ class SecureRound:
             except (SecAggError, ValueError) as err:
                 self._refuse(node, "masked update", err)
 
-    def consistency(self, requests: dict[str, ConsistencyRequest]) -> None:
-        """Step 2b: the survivors sign the survivor set (someone dropped while masking)."""
+    def _ask(self, stage: str, key: str, requests: dict[str, Any],
+             extra: dict[str, bytes | str | int | float] | None = None) -> list[Message]:
+        """A `stage` query to each hospital of `requests`, its own request under `key`."""
         node_of = {h: n for n, h in self.hospital_of.items()}
         contents = {node_of[h]: RecordDict({wire.SECAGG: _stage_record(
-            wire.STAGE_CONSISTENCY, **{wire.SECAGG_CHECK: req.to_bytes()})})
+            stage, **{key: req.to_bytes()}, **(extra or {}))})
             for h, req in sorted(requests.items())}
-        for reply in self._send(contents, MessageType.QUERY, self.stage_timeout_s):
-            node = reply.metadata.src_node_id
+        return self._send(contents, MessageType.QUERY, self.stage_timeout_s)
+
+    def _check_sender(self, reply: Message, sender: str, what: str) -> None:
+        hospital = self.hospital_of[reply.metadata.src_node_id]
+        if sender != hospital:
+            raise ProtocolViolationError(f"node of hospital {hospital} sent a {what} as {sender}")
+
+    def consistency(self, requests: dict[str, ConsistencyRequest]) -> None:
+        """Step 2b: the survivors sign the survivor set (someone dropped while masking)."""
+        for reply in self._ask(wire.STAGE_CONSISTENCY, wire.SECAGG_CHECK, requests):
             try:
                 vote = SurvivorSignature.from_bytes(_field(reply, wire.SECAGG_VOTE))
-                if vote.signer != self.hospital_of[node]:
-                    raise ProtocolViolationError(
-                        f"node of hospital {self.hospital_of[node]} voted as {vote.signer}")
+                self._check_sender(reply, vote.signer, "survivor signature")
                 self.agg.receive_signature(vote)
             except SecAggError as err:
-                self._refuse(node, "survivor signature", err)
+                self._refuse(reply.metadata.src_node_id, "survivor signature", err)
 
     def unmask(self, advertise_next: bool = False) -> None:
         """Step 3; with `advertise_next`, also step 1 of the next round (into `self.next`)."""
         requests = self.agg.unmask_requests()
-        node_of = {h: n for n, h in self.hospital_of.items()}
         extra: dict[str, bytes | str | int | float] = {}
         if advertise_next:
             s = self.agg.setup
             self.next = Advertised(ServerAggregator.start_round(
                 s.run_id, s.round + 1, s.participants, s.vector_length, self.agg.pinned), {})
             extra[wire.SECAGG_SETUP] = self.next.agg.setup.to_bytes()
-        contents = {node_of[hospital]: RecordDict({wire.SECAGG: _stage_record(
-            wire.STAGE_UNMASK, **{wire.SECAGG_REQUEST: req.to_bytes()}, **extra)})
-            for hospital, req in sorted(requests.items())}
-        for reply in self._send(contents, MessageType.QUERY, self.stage_timeout_s):
+        for reply in self._ask(wire.STAGE_UNMASK, wire.SECAGG_REQUEST, requests, extra):
             node = reply.metadata.src_node_id
             try:
                 reveal = Reveal.from_bytes(_field(reply, wire.SECAGG_REVEAL))
-                if reveal.sender != self.hospital_of[node]:
-                    raise ProtocolViolationError(
-                        f"node of hospital {self.hospital_of[node]} revealed as {reveal.sender}")
+                self._check_sender(reply, reveal.sender, "reveal")
                 self.agg.receive_reveal(reveal)
             except SecAggError as err:
                 self._refuse(node, "reveal", err)

@@ -12,7 +12,7 @@ of BenchCohort, `examples` written "1000" or "800,1000,1200".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
@@ -89,10 +89,9 @@ class BenchCohort:
         if missing:
             raise ValueError(f"the run config lacks {', '.join(missing)}; start the benchmark "
                              "with `fedmri bench secagg`")
-        values = {f.name: config[f.name] for f in fields(cls) if f.name in config}
-        clients = int(values.pop("clients"))
-        examples = parse_examples(str(values.pop("examples", "1000")), clients)
-        kinds: dict[str, Callable[[Any], Any]] = {
-            f.name: type(getattr(cls, f.name, 0)) for f in fields(cls)}
-        return cls(clients=clients, examples=examples,
-                   **{k: kinds[k](v) for k, v in values.items()})
+        clients = int(config["clients"])
+        return cls(clients=clients, params=int(config["params"]),
+                   rounds=int(config.get("rounds", cls.rounds)),
+                   examples=parse_examples(str(config.get("examples", "1000")), clients),
+                   seed=int(config.get("seed", cls.seed)),
+                   clip=float(config.get("clip", cls.clip)))
