@@ -8,23 +8,31 @@ from torch import nn
 from fedmri.kernels.ops import conv3d
 
 
+def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cast a convolution's inputs as autocast would cast F.conv3d (custom ops are not
+    autocast by torch); unchanged outside autocast and on CPU."""
+    if x.device.type not in ("cpu", "meta") and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
 class Conv3d(nn.Conv3d):
     """An nn.Conv3d (same parameters and state_dict) computed by fedmri.kernels.conv3d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        # Custom ops are not autocast by torch: cast as autocast would cast F.conv3d.
-        if torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu":
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w = x.to(dtype), w.to(dtype)
-            b = b.to(dtype) if b is not None else None
+        x, w, b = autocast_inputs(x, self.weight, self.bias)
         return conv3d(x, w, b, stride=self.stride[0])
 
 
 def eligible(conv: nn.Module) -> bool:
     """Whether the op computes exactly this layer: k 1 or 3, 'same' padding, stride 1 or 2."""
-    if type(conv) is not nn.Conv3d:
-        return False
+    return type(conv) is nn.Conv3d and computable(conv)
+
+
+def computable(conv: nn.Conv3d) -> bool:
+    """Whether the op can compute this convolution's configuration."""
     k, s, p = conv.kernel_size, conv.stride, conv.padding
     return (len(set(k)) == 1 and k[0] in (1, 3) and len(set(s)) == 1 and s[0] in (1, 2)
             and p == (k[0] // 2,) * 3 and conv.dilation == (1, 1, 1) and conv.groups == 1

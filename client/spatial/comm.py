@@ -1,0 +1,168 @@
+"""Differentiable communication between the ranks of a mesh.
+
+Conventions (each rank runs backward from the same replicated loss):
+- `halo_exchange`: the planes a layer needs from its neighbours; backward sends their
+  gradients back to the owners, who add them to their boundary planes.
+- `shared_sum`: a sum over the group that feeds back into each rank's own slab (normalisation
+  statistics): all-reduce forward, all-reduce backward.
+- `replica_sum`: a sum over the group that only replicated code consumes (the loss): all-reduce
+  forward, identity backward (every rank already holds the whole gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fedmri.client.spatial.mesh import SpatialMesh
+
+
+def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+              group: dist.ProcessGroup | None) -> None:
+    """Batched point-to-point: post every receive and send, then wait for all."""
+    ops = [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
+    ops += [dist.P2POp(dist.isend, t.contiguous(), peer, group) for t, peer in sends]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+def _planes(x: torch.Tensor, count: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[2] = count
+    return x.new_empty(shape)
+
+
+class _HaloExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mesh: SpatialMesh, lo: int,
+                hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Each rank asks for `lo` planes from below and `hi` from above, so it sends its
+        # bottom `hi` planes down and its top `lo` planes up.
+        ctx.mesh, ctx.lo, ctx.hi, ctx.x_shape = mesh, lo, hi, x.shape
+        below, above = mesh.below, mesh.above
+        halo_lo = _planes(x, lo if below is not None else 0)
+        halo_hi = _planes(x, hi if above is not None else 0)
+        sends, recvs = [], []
+        if below is not None:
+            recvs += [(halo_lo, below)] if lo else []
+            sends += [(x[:, :, :hi], below)] if hi else []
+        if above is not None:
+            recvs += [(halo_hi, above)] if hi else []
+            sends += [(x[:, :, x.shape[2] - lo:], above)] if lo else []
+        _exchange(sends, recvs, mesh.tp_group)
+        # x passes through so that backward runs on every rank, even where neither halo is
+        # used (the first slab of a stride-2 layer): its neighbours wait for its gradients.
+        return x.view_as(x), halo_lo, halo_hi
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, grad_lo: torch.Tensor,
+                 grad_hi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        mesh, lo, hi = ctx.mesh, ctx.lo, ctx.hi
+        below, above = mesh.below, mesh.above
+        grad_x = grad_out.clone()
+        depth = grad_x.shape[2]
+        sends, recvs = [], []
+        if below is not None:
+            sends += [(grad_lo, below)] if lo else []
+            recvs += [(grad_x[:, :, :hi].clone(), below)] if hi else []
+        if above is not None:
+            sends += [(grad_hi, above)] if hi else []
+            recvs += [(grad_x[:, :, depth - lo:].clone(), above)] if lo else []
+        _exchange(sends, recvs, mesh.tp_group)
+        for received, peer in recvs:  # the neighbours' gradients of this rank's boundary planes
+            if peer == below:
+                grad_x[:, :, :hi] += received
+            else:
+                grad_x[:, :, depth - lo:] += received
+        return grad_x, None, None, None
+
+
+def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x, the `lo` depth planes just below this rank's slab, the `hi` planes just above it);
+    a halo is None at the volume's ends or where 0 planes are asked. Use the x returned (its
+    gradient carries the neighbours' halo gradients back). Every rank of the group must call
+    it with the same lo and hi, and every slab must hold at least max(lo, hi) planes."""
+    if mesh.tp_size == 1 or lo + hi == 0:
+        return x, None, None
+    if x.shape[2] < max(lo, hi):
+        raise ValueError(f"a slab of {x.shape[2]} planes cannot give its neighbours "
+                         f"{max(lo, hi)} halo planes; use fewer ranks or a larger volume")
+    x, halo_lo, halo_hi = _HaloExchange.apply(x, mesh, lo, hi)
+    return x, (halo_lo if halo_lo.shape[2] else None), (halo_hi if halo_hi.shape[2] else None)
+
+
+class _SharedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReplicaSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return grad, None
+
+
+def shared_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over `group` of a partial result that every rank then uses on its own slab."""
+    return x if group is None else _SharedSum.apply(x.contiguous(), group)
+
+
+def replica_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over `group` of a partial result that only replicated code (the loss) uses."""
+    return x if group is None else _ReplicaSum.apply(x.contiguous(), group)
+
+
+def plain_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over `group`, no gradient (counts, metrics)."""
+    out = x.detach().clone()
+    if group is not None:
+        dist.all_reduce(out, group=group)
+    return out
+
+
+def slab_depths(depth: int, mesh: SpatialMesh, device: torch.device) -> list[int]:
+    """Every tp rank's slab depth at this point of the network (one small all-gather)."""
+    if mesh.tp_group is None:
+        return [depth]
+    mine = torch.tensor([depth], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(mesh.tp_size)]
+    dist.all_gather(every, mine, group=mesh.tp_group)
+    return [int(t.item()) for t in every]
+
+
+def sum_gradients(parameters: list[torch.nn.Parameter], mesh: SpatialMesh) -> None:
+    """Sum every parameter's gradient over the whole mesh (one flat all-reduce).
+
+    Each rank's backward holds the contribution of its own slabs and samples: the sum is the
+    gradient of the replicated loss."""
+    if mesh.world_group is None:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=mesh.world_group)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n

@@ -1,0 +1,83 @@
+"""Start the ranks of a dp x tp mesh as worker processes and watch them.
+
+Each rank is a fresh `python -m fedmri.client.spatial.worker` process (never a fork: the
+ClientApp process runs gRPC threads). They meet through a file store in the job's private
+folder (no port to pick or race for), run the job function named by the caller, and write
+their result or their error there. If one rank fails or dies, the others are stopped at
+once: a failed step ends within the poll interval, it never hangs the hospital.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+POLL_S = 0.2
+ERROR_FILE = "rank{}.error"
+READY_FILE = "rank{}.ready"
+
+
+class WorkerFailure(RuntimeError):
+    """A rank of the tensor-parallel mesh failed; the message names it and why."""
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    dp: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    def __post_init__(self) -> None:
+        if self.dp < 1 or self.tp < 1:
+            raise ValueError(f"dp and tp must be >= 1, got dp={self.dp} tp={self.tp}")
+
+
+def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
+              timeout_s: float = 24 * 3600.0,
+              extra_env: dict[str, str] | None = None) -> float:
+    """Run `target` ("module:function", called as function(mesh, job_dir)) on every rank;
+    return the seconds until every rank had joined the process group (the set-up cost).
+
+    Raises WorkerFailure naming the first rank that failed (its error, or how it died)."""
+    env = {**os.environ, **(extra_env or {}), "OMP_NUM_THREADS": str(max(threads, 1))}
+    start = time.perf_counter()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "fedmri.client.spatial.worker", str(job_dir), str(rank),
+         str(shape.dp), str(shape.tp), target, str(threads), str(timeout_s)],
+        env=env, stdin=subprocess.DEVNULL) for rank in range(shape.world)]
+    setup_s: float | None = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if setup_s is None and all((job_dir / READY_FILE.format(r)).exists()
+                                       for r in range(shape.world)):
+                setup_s = time.perf_counter() - start
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                raise WorkerFailure(_failure(job_dir, failed[0], codes[failed[0]]))
+            if all(c == 0 for c in codes):
+                return setup_s if setup_s is not None else time.perf_counter() - start
+            if time.perf_counter() - start > timeout_s:
+                raise WorkerFailure(f"tensor-parallel workers did not finish in {timeout_s:.0f} s")
+            time.sleep(POLL_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _failure(job_dir: Path, rank: int, code: int | None) -> str:
+    error = job_dir / ERROR_FILE.format(rank)
+    if error.exists():
+        return f"tensor-parallel rank {rank} failed: {error.read_text().strip()}"
+    how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return f"tensor-parallel rank {rank} died ({how}) before reporting an error"

@@ -1,0 +1,113 @@
+"""Where to cut a volume in depth so that every layer of a network sees aligned slabs.
+
+A layer with depth stride s (strided convolution, pooling) at a point where the network has
+already downsampled by f needs every interior slab boundary at a multiple of f * s voxels of
+the input. `plan_slabs` finds those layers by running the network once on meta tensors (no
+memory, no compute) and cuts the volume into the most even aligned slabs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+
+class SlabError(ValueError):
+    """The volume's depth cannot be split over the ranks as the network's strides need."""
+
+
+@dataclass(frozen=True)
+class StridedLayer:
+    name: str
+    stride: int
+    depth_in: int  # the layer's input depth when the network's input has `depth`
+
+    def alignment(self, depth: int) -> int:
+        factor = Fraction(depth, self.depth_in)
+        if factor.denominator != 1:
+            raise SlabError(f"layer '{self.name}' sees depth {self.depth_in} of an input of "
+                            f"{depth}: not a whole downsampling factor; cannot align slabs")
+        return int(factor) * self.stride
+
+
+def depth_stride(module: nn.Module) -> int:
+    """The stride in depth of a layer that downsamples (1 for any other)."""
+    if isinstance(module, nn.Conv3d):
+        return int(module.stride[0])
+    if isinstance(module, (nn.MaxPool3d, nn.AvgPool3d)):
+        stride = module.stride if module.stride is not None else module.kernel_size
+        return int(stride if isinstance(stride, int) else stride[0])
+    return 1
+
+
+def strided_layers(model: nn.Module, shape: tuple[int, ...]) -> list[StridedLayer]:
+    """Every downsampling layer of `model` and its input depth, for an input of `shape`
+    (N, C, D, H, W), from one forward pass on meta tensors of a copy of the model."""
+    from fedmri.client.spatial.convert import local_copy
+
+    probe = local_copy(model).to("meta")
+    found: list[StridedLayer] = []
+    hooks = []
+    for name, module in probe.named_modules():
+        stride = depth_stride(module)
+        if stride > 1:
+            def record(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name,
+                       stride: int = stride) -> None:
+                found.append(StridedLayer(name, stride, int(args[0].shape[2])))
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            probe(torch.empty(shape, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def split_depth(depth: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) of `parts` slabs of `depth` planes, boundaries at multiples of `align`,
+    as even as that allows (the first slabs take the extra blocks, the last the remainder)."""
+    if parts < 1:
+        raise SlabError(f"cannot split into {parts} slabs")
+    blocks, rest = divmod(depth, align)
+    if blocks < parts:
+        raise SlabError(f"a depth of {depth} has {blocks} blocks of {align} planes: too few "
+                        f"for {parts} slabs; use at most {max(blocks, 1)} ranks or a larger "
+                        "volume")
+    base, extra = divmod(blocks, parts)
+    sizes = [(base + (1 if i < extra else 0)) * align for i in range(parts)]
+    sizes[-1] += rest
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+
+
+def plan_slabs(model: nn.Module, depth: int, parts: int,
+               shape: tuple[int, int, int, int] | None = None) -> list[tuple[int, int]]:
+    """The depth slabs [start, stop) of `parts` tensor-parallel ranks for `model`.
+
+    `shape` is (C, D, H, W) of one input (default: one channel, a cube of `depth`). A
+    SlabError names the layer whose stride the split cannot meet."""
+    c, d, h, w = shape if shape is not None else (1, depth, depth, depth)
+    layers = strided_layers(model, (1, c, d, h, w))
+    align = 1
+    for layer in layers:
+        align = math.lcm(align, layer.alignment(depth))
+    try:
+        return split_depth(depth, parts, align)
+    except SlabError as err:
+        worst = max(layers, key=lambda layer: layer.alignment(depth))
+        raise SlabError(
+            f"cannot split depth {depth} over {parts} ranks: layer '{worst.name}' has stride "
+            f"{worst.stride} at depth {worst.depth_in} of {depth}, so slab boundaries must fall "
+            f"on multiples of {align} planes ({err})") from None
+
+
+def local_depths(slabs: list[tuple[int, int]]) -> list[int]:
+    return [stop - start for start, stop in slabs]
+
+
+__all__ = ["SlabError", "local_depths", "plan_slabs", "split_depth", "strided_layers"]

@@ -1,0 +1,80 @@
+"""Run on every rank of a mesh by tests/test_spatial.py: each rank computes the single-process
+reference on the whole batch itself, then its own slab with the split network, and writes the
+largest relative errors it sees (outputs, loss, every gradient, parameters after one step)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fedmri.client.spatial import SpatialMesh, parallelize, plan_slabs
+from fedmri.client.spatial.comm import sum_gradients
+from fedmri.client.spatial.loss import dice_ce_loss
+from fedmri.client.trainer import loss_fn
+from fedmri.common.config import RunConfig
+from fedmri.common.models import build_model
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-300) -> float:
+    scale = want.abs().max().item()
+    return (got - want).abs().max().item() / max(scale, floor)
+
+
+def check(name: str, depth: int, hw: int, batch: int, mesh: SpatialMesh,
+          die: bool = False) -> dict[str, float]:
+    cfg = RunConfig(model=name, num_classes=3)
+    torch.manual_seed(7)
+    x = torch.rand(batch, 1, depth, hw, hw, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch, 1, depth, hw, hw))
+    ref = build_model(cfg, seed=3).double()
+    model = build_model(cfg, seed=3).double()
+    out_ref = ref(x)
+    loss_ref = loss_fn()(out_ref, y)
+    loss_ref.backward()
+
+    slabs = plan_slabs(model, depth, mesh.tp_size, shape=(1, depth, hw, hw))
+    parallelize(model, mesh)
+    a, b = slabs[mesh.tp_rank]
+    if die:  # this rank dies in the middle of the forward pass, its peers mid-exchange
+        middle = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][3]
+        middle.register_forward_hook(lambda *_: os._exit(9))
+    samples = [i for i in range(batch) if i % mesh.dp_size == mesh.dp_rank]
+    out = model(x[samples, :, a:b]) if samples else None
+    loss = dice_ce_loss(out, y[samples, :, a:b] if samples else None, mesh, 3, batch,
+                        depth * hw * hw, dtype=torch.float64)
+    if out is not None:
+        loss.backward()
+    sum_gradients(list(model.parameters()), mesh)
+
+    errors = {"loss": rel_err(loss.detach(), loss_ref.detach())}
+    if out is not None:
+        errors["output"] = rel_err(out.detach(), out_ref.detach()[samples, :, a:b])
+    refs = dict(ref.named_parameters())
+    # A gradient that is zero in exact arithmetic (a bias right before a normalisation) is
+    # rounding noise in both: it is compared against the network's largest gradient instead.
+    floor = 1e-3 * max(p.grad.abs().max().item() for p in ref.parameters())
+    errors["gradient"] = max(rel_err(p.grad, refs[n].grad, floor)
+                             for n, p in model.named_parameters())
+    for net in (ref, model):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        opt.step()
+    # Adam's first step is about lr * sign(gradient): rounding noise in a zero gradient moves
+    # a bias by up to lr * noise / eps. Compared on the scale of the network's parameters.
+    scale = max(p.detach().abs().max().item() for p in ref.parameters())
+    errors["step"] = max(rel_err(p.detach(), refs[n].detach(), scale)
+                         for n, p in model.named_parameters())
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    return errors
+
+
+def run(mesh: SpatialMesh, job_dir: Path) -> None:
+    torch.set_default_dtype(torch.float64)
+    job = json.loads((job_dir / "job.json").read_text())
+    rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
+    die = job.get("die_rank") == rank
+    results = {case["name"]: check(case["name"], case["depth"], case["hw"], job["batch"], mesh,
+                                   die) for case in job["cases"]}
+    (job_dir / f"result{rank}.json").write_text(json.dumps(results))

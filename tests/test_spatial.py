@@ -1,0 +1,93 @@
+"""Spatial tensor parallelism: split networks equal the single-process network (float64,
+real gloo process groups of worker processes), and every refusal is a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fedmri.client.spatial import ConversionError, SlabError, SpatialMesh, parallelize, plan_slabs
+from fedmri.client.spatial.launch import MeshShape, WorkerFailure, run_ranks
+from fedmri.common.config import RunConfig
+from fedmri.common.models import build_model
+
+TESTS = str(Path(__file__).parent)
+TOLERANCE = 1e-10
+# Depths where the splits are uneven: the UNet and SegResNet (total stride 8) cut 40 planes
+# into 5 blocks; BasicUNet (16) cuts 72 into 4 blocks of 16 and a remainder of 8 on the last.
+CASES = [{"name": "unet", "depth": 40, "hw": 16}, {"name": "basicunet", "depth": 72, "hw": 16},
+         {"name": "segresnet", "depth": 40, "hw": 16}]
+
+
+def _run_check(tmp_path: Path, shape: MeshShape, batch: int, cases: list[dict[str, object]],
+               **extra: object) -> list[dict[str, dict[str, float]]]:
+    (tmp_path / "job.json").write_text(json.dumps({"batch": batch, "cases": cases, **extra}))
+    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    run_ranks("spatial_check:run", tmp_path, shape, timeout_s=600, extra_env=env)
+    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(shape.world)]
+
+
+def _assert_equal_to_one_process(results: list[dict[str, dict[str, float]]]) -> None:
+    for rank, per_net in enumerate(results):
+        for net, errors in per_net.items():
+            for what, err in errors.items():
+                assert err <= TOLERANCE, f"rank {rank} {net}: {what} differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+def test_split_networks_equal_one_process(tmp_path: Path, parts: int) -> None:
+    results = _run_check(tmp_path, MeshShape(tp=parts), batch=1, cases=CASES)
+    _assert_equal_to_one_process(results)
+    assert all(set(r) == {"unet", "basicunet", "segresnet"} for r in results)
+
+
+def test_dp_by_tp_mesh_equals_one_process(tmp_path: Path) -> None:
+    # Batch 3 over 2 data-parallel replicas: 2 samples on one, 1 on the other.
+    results = _run_check(tmp_path, MeshShape(dp=2, tp=2), batch=3, cases=CASES[::2])
+    _assert_equal_to_one_process(results)
+
+
+def test_a_dead_rank_stops_the_others_and_is_named(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(WorkerFailure, match="rank 1 died"):
+        _run_check(tmp_path, MeshShape(tp=3), batch=1, cases=CASES[:1], die_rank=1)
+    assert time.perf_counter() - start < 120
+
+
+def test_a_depth_the_strides_cannot_split_names_the_layer() -> None:
+    model = build_model(RunConfig(model="basicunet"))
+    with pytest.raises(SlabError, match=r"cannot split depth 48 over 4 ranks: layer "
+                       r"'down_4.max_pooling' has stride 2 at depth 6 of 48.*multiples of 16"):
+        plan_slabs(model, 48, 4)
+    assert plan_slabs(model, 48, 3) == [(0, 16), (16, 32), (32, 48)]
+    assert plan_slabs(build_model(RunConfig(model="unet")), 40, 3) == [(0, 16), (16, 32),
+                                                                       (32, 40)]
+
+
+def test_a_module_that_cannot_be_split_is_named_and_nothing_is_converted() -> None:
+    class Pooled(nn.Module):  # a custom forward: it might look across depth
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=2, keepdim=True).expand_as(x)
+
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), Pooled(),
+                          nn.Conv3d(4, 4, 5, padding=2), nn.Linear(4, 4))
+    with pytest.raises(ConversionError) as err:
+        parallelize(model, SpatialMesh())
+    text = str(err.value)
+    assert "'1' (test_spatial." in text and "Pooled" in text
+    assert "'2' (torch.nn.modules.conv.Conv3d): kernel (5, 5, 5)" in text
+    assert "'3' (torch.nn.modules.linear.Linear)" in text
+    assert type(model[0]) is nn.Conv3d  # nothing changed
+
+
+def test_a_misaligned_slab_is_refused_by_the_strided_layer() -> None:
+    model = nn.Sequential(nn.Conv3d(1, 2, 3, stride=2, padding=1))
+    parallelize(model, SpatialMesh(tp_rank=0, tp_size=2))  # no peers needed to refuse
+    with pytest.raises(SlabError, match="layer '0' .*stride 2.* slab of 7 planes"):
+        model(torch.zeros(1, 1, 7, 4, 4))
