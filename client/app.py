@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import torch
 
     from fedmri.client.hospital_data import HospitalData
+    from fedmri.client.spatial.hospital import MeshOutcome
+    from fedmri.client.trainer import EvalResult
 
 # Flower starts a fresh process for every message: torch and MONAI (seconds to import) are
 # imported only by the handlers that train or evaluate, not by the secure-aggregation steps.
@@ -32,8 +34,8 @@ app = ClientApp()
 log = logging.getLogger("fedmri.client")
 
 
-def _setup(msg: Message, context: Context) -> tuple[str, RunConfig, torch.nn.Module, HospitalData,
-                                                    float]:
+def _setup(msg: Message, context: Context) -> tuple[NodeConfig, RunConfig, torch.nn.Module,
+                                                    HospitalData, float]:
     node = NodeConfig.from_context(context)
     data_path = node.require("data_path", "training")
     import torch
@@ -45,27 +47,45 @@ def _setup(msg: Message, context: Context) -> tuple[str, RunConfig, torch.nn.Mod
         torch.set_num_threads(node.threads)
     cfg = RunConfig.from_dict(dict(msg.content.config_records[wire.CONFIG]))
     start = time.perf_counter()
-    data = load_hospital(data_path, cfg)
+    # On a mesh each rank reads its own slab: this process needs only the cases' split.
+    data = load_hospital(data_path, cfg, slab=(0, 0) if _on_mesh(node) else None)
     model = build_model(cfg)
     model.load_state_dict(msg.content.array_records[wire.ARRAYS].to_torch_state_dict())
-    return node.hospital, cfg, model, data, time.perf_counter() - start
+    return node, cfg, model, data, time.perf_counter() - start
 
 
-def _val_metrics(model: torch.nn.Module, data: HospitalData, cfg: RunConfig
-                 ) -> dict[str, int | float | list[int] | list[float]]:
-    from fedmri.client.trainer import evaluate
+def _on_mesh(node: NodeConfig) -> bool:
+    return node.tp * node.dp > 1
 
-    result = evaluate(model, data.val, cfg)
+
+def _eval_metrics(result: EvalResult, data: HospitalData) -> dict[str, float]:
     return {wire.VAL_DICE: result.dice, wire.VAL_LOSS: result.loss,
             wire.NUM_VAL: float(len(data.val))}
 
 
+def _mesh(node: NodeConfig, cfg: RunConfig, model: torch.nn.Module, seed: int, epochs: int,
+          evaluate_first: bool) -> MeshOutcome:
+    """Train and/or evaluate on the node's dp x tp local ranks (fedmri.client.spatial)."""
+    import os
+
+    from fedmri.client.spatial.hospital import run_on_mesh
+    from fedmri.client.spatial.launch import MeshShape
+
+    shape = MeshShape(dp=node.dp, tp=node.tp)
+    threads = max(1, (node.threads or os.cpu_count() or 1) // shape.world)
+    outcome = run_on_mesh(shape, node.require("data_path", "training"), cfg, model.state_dict(),
+                          seed, epochs, evaluate_first, threads)
+    model.load_state_dict(outcome.state_dict)
+    return outcome
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedmri.client.trainer import train_local
+    from fedmri.client.trainer import evaluate, train_local
     from fedmri.common.vectors import flatten_update
 
-    hospital, cfg, model, data, load_s = _setup(msg, context)
+    node, cfg, model, data, load_s = _setup(msg, context)
+    hospital = node.hospital
     config = msg.content.config_records[wire.CONFIG]
     rnd = int(config[wire.ROUND])  # type: ignore[arg-type]
     if secure_client.is_secure(msg):
@@ -74,22 +94,30 @@ def train(msg: Message, context: Context) -> Message:
         # cannot get the same update again and difference two aggregates exactly.
         rnd = secure_client.training_round(msg, rnd, hospital)
     metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
-    if bool(config.get(wire.EVAL_FIRST, False)):
-        metrics.update(_val_metrics(model, data, cfg))
+    evaluate_first = bool(config.get(wire.EVAL_FIRST, False))
     seed = cfg.seed + 1000 * rnd + zlib.crc32(hospital.encode()) % 1000
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_local(model, data.train, cfg, epochs=cfg.local_epochs, seed=seed)
+    if _on_mesh(node):
+        outcome = _mesh(node, cfg, model, seed, cfg.local_epochs, evaluate_first)
+        assert outcome.train is not None
+        result = outcome.train
+        metrics[wire.MESH_SETUP_SECONDS] = outcome.setup_seconds
+        if outcome.val is not None:
+            metrics.update(_eval_metrics(outcome.val, data))
+    else:
+        if evaluate_first:
+            metrics.update(_eval_metrics(evaluate(model, data.val, cfg), data))
+        result = train_local(model, data.train, cfg, epochs=cfg.local_epochs, seed=seed)
     metrics.update({wire.NUM_EXAMPLES: float(len(data.train)), wire.TRAIN_LOSS: result.loss,
                     wire.TRAIN_SECONDS: result.seconds})
-    log.info("event=trained hospital=%s round=%d loss=%.4f seconds=%.1f", hospital, rnd,
-             result.loss, result.seconds)
+    log.info("event=trained hospital=%s round=%d loss=%.4f seconds=%.1f tp=%d dp=%d", hospital,
+             rnd, result.loss, result.seconds, node.tp, node.dp)
     reply = RecordDict({wire.METRICS: MetricRecord(metrics),
                         wire.INFO: ConfigRecord({wire.INFO_HOSPITAL: hospital})})
     if secure_client.is_secure(msg):
         # Only the masked, quantized update leaves the hospital, never the weights.
         update = flatten_update(model.state_dict(), global_state)
-        for name, record in secure_client.mask(msg, NodeConfig.from_context(context), update,
-                                               len(data.train)).items():
+        for name, record in secure_client.mask(msg, node, update, len(data.train)).items():
             reply[name] = record
     else:
         reply[wire.ARRAYS] = ArrayRecord(model.state_dict())
@@ -104,9 +132,17 @@ def secure_step(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    hospital, cfg, model, data, load_s = _setup(msg, context)
-    metrics = _val_metrics(model, data, cfg)
-    metrics[wire.LOAD_SECONDS] = load_s
+    from fedmri.client.trainer import evaluate
+
+    node, cfg, model, data, load_s = _setup(msg, context)
+    metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
+    if _on_mesh(node):
+        outcome = _mesh(node, cfg, model, seed=cfg.seed, epochs=0, evaluate_first=True)
+        assert outcome.val is not None
+        metrics.update(_eval_metrics(outcome.val, data))
+        metrics[wire.MESH_SETUP_SECONDS] = outcome.setup_seconds
+    else:
+        metrics.update(_eval_metrics(evaluate(model, data.val, cfg), data))
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
-                               wire.INFO: ConfigRecord({wire.INFO_HOSPITAL: hospital})}),
+                               wire.INFO: ConfigRecord({wire.INFO_HOSPITAL: node.hospital})}),
                    reply_to=msg)

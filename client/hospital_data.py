@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from fedmri.client.dataset import Case, load_cases, split_cases
-from fedmri.common.checkpoint import atomic_write
 from fedmri.common.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def _cache_root() -> Path:
 
 
 def _fingerprint(data_dir: Path, cfg: RunConfig) -> str:
-    h = hashlib.sha256(f"{data_dir.resolve()}|{cfg.size}|{cfg.fov_mm}|v1".encode())
+    h = hashlib.sha256(f"{data_dir.resolve()}|{cfg.size}|{cfg.fov_mm}|v2".encode())
     for path in sorted(data_dir.rglob("*")):
         if path.is_file() and ".fedmri-cache" not in path.parts:
             st = path.stat()
@@ -43,33 +43,58 @@ def _fingerprint(data_dir: Path, cfg: RunConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _load_all(data_dir: Path, cfg: RunConfig) -> tuple[list[Case], list[str]]:
-    key = _fingerprint(data_dir, cfg)
-    cache = _cache_root() / f"{key}.npz"
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as blob:
-            names = [str(n) for n in blob["names"]]
-            cases = [Case(n, blob["images"][i], blob["labels"][i]) for i, n in enumerate(names)]
-            return cases, [str(r) for r in blob["rejected"]]
+def _cached(data_dir: Path, cfg: RunConfig) -> Path:
+    """The cache folder of this data folder and grid, written (whole, then renamed into place)
+    if missing. Plain .npy files, so a tensor-parallel rank maps them and reads its slab only."""
+    cache = _cache_root() / _fingerprint(data_dir, cfg)
+    if (cache / "names.npy").exists():
+        return cache
     cases, results = load_cases(data_dir, cfg.size, cfg.fov_mm)
     rejected = [f"{r.path}: {r.reason}" for r in results if r.status != "accepted"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    arrays = {"names": np.array([c.name for c in cases], dtype=str),
+              "rejected": np.array(rejected, dtype=str)}
     if cases:
-        arrays = {
-            "names": np.array([c.name for c in cases]),
-            "images": np.stack([c.image for c in cases]),
-            "labels": np.stack([c.label for c in cases]),
-            "rejected": np.array(rejected, dtype=str),
-        }
-        atomic_write(cache, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
+        arrays["images"] = np.stack([c.image for c in cases])
+        arrays["labels"] = np.stack([c.label for c in cases])
+    for name, array in arrays.items():
+        with open(staging / f"{name}.npy", "wb") as fh:
+            np.save(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+    try:
+        os.rename(staging, cache)
+    except OSError:  # another process cached the same folder first: theirs is as good
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+def _load_all(data_dir: Path, cfg: RunConfig,
+              slab: tuple[int, int] | None) -> tuple[list[Case], list[str]]:
+    cache = _cached(data_dir, cfg)
+    names = [str(n) for n in np.load(cache / "names.npy")]
+    rejected = [str(r) for r in np.load(cache / "rejected.npy")]
+    if not names:
+        return [], rejected
+    depth = slice(*slab) if slab is not None else slice(None)
+    images = np.load(cache / "images.npy", mmap_mode="r")
+    labels = np.load(cache / "labels.npy", mmap_mode="r")
+    cases = [Case(n, np.array(images[i][:, depth]), np.array(labels[i][depth]))
+             for i, n in enumerate(names)]
     return cases, rejected
 
 
-def load_hospital(data_dir: Path, cfg: RunConfig) -> HospitalData:
-    """Train/validation split of the hospital folder, deterministic for cfg.seed."""
+def load_hospital(data_dir: Path, cfg: RunConfig,
+                  slab: tuple[int, int] | None = None) -> HospitalData:
+    """Train/validation split of the hospital folder, deterministic for cfg.seed.
+
+    `slab`: only depth planes [start, stop) of every case are read (a tensor-parallel rank);
+    (0, 0) reads none, for a process that only needs the names and the split."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    cases, rejected = _load_all(data_dir, cfg)
+    cases, rejected = _load_all(data_dir, cfg, slab)
     for reason in rejected:
         log.warning("series rejected: %s", reason)
     if not cases:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(cfg: RunConfig, dev: torch.device) -> AbstractContextManager[object]:
+def autocast(cfg: RunConfig, dev: torch.device) -> AbstractContextManager[object]:
     # Mixed precision only where it pays: CUDA. On CPU, bf16 autocast slows 3D convs down.
     if cfg.amp and dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -61,17 +62,44 @@ def loss_fn() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
+class Objective(Protocol):
+    """How a training step turns a batch into a loss and gradients: one process
+    (`WholeVolume`), or one rank of a spatial mesh (fedmri.client.spatial.training)."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce_gradients(self, model: nn.Module) -> None: ...
+
+
+class WholeVolume:
+    """The whole batch in this process: MONAI's Dice + cross-entropy."""
+
+    def __init__(self) -> None:
+        self.criterion = loss_fn()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss: torch.Tensor = self.criterion(model(x), y)
+        return loss
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        pass
+
+
 def train_local(model: nn.Module, cases: Sequence[Case], cfg: RunConfig, epochs: int,
-                seed: int) -> TrainResult:
-    """Train `model` in place for `epochs` passes over `cases`."""
+                seed: int, objective: Objective | None = None,
+                dev: torch.device | None = None) -> TrainResult:
+    """Train `model` in place for `epochs` passes over `cases`.
+
+    The batches, their order and augmentation depend only on `seed` and the cases, so every
+    rank of a spatial mesh (each holding its slab of the same cases) steps in lockstep."""
     if not cases:
         raise ValueError("no training cases: the hospital has no accepted series with labels")
-    dev = device()
+    dev = dev or device()
+    objective = objective or WholeVolume()
     model.to(dev).train()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    criterion = loss_fn()
     start = time.perf_counter()
     steps, epoch_loss = 0, 0.0
     for _ in range(epochs):
@@ -79,11 +107,13 @@ def train_local(model: nn.Module, cases: Sequence[Case], cfg: RunConfig, epochs:
         for x, y in _batches(cases, cfg.batch_size, rng, augment=True):
             x, y = x.to(dev), y.to(dev)
             opt.zero_grad(set_to_none=True)
-            with _autocast(cfg, dev):
-                loss = criterion(model(x), y)
+            with autocast(cfg, dev):
+                loss = objective(model, x, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
-            loss.backward()
+            if loss.requires_grad:  # a data-parallel replica without a sample has no graph
+                loss.backward()
+            objective.reduce_gradients(model)
             opt.step()
             losses.append(float(loss.detach()))
             steps += 1
@@ -107,7 +137,7 @@ def predict(model: nn.Module, image: np.ndarray, cfg: RunConfig) -> tuple[np.nda
     """Label map (D, H, W) and logits (1, C, D, H, W) for one (1, D, H, W) image."""
     dev = device()
     model.to(dev).eval()
-    with _autocast(cfg, dev):
+    with autocast(cfg, dev):
         logits = model(torch.from_numpy(image[None]).to(dev)).float().cpu()
     return logits.argmax(1)[0].numpy(), logits
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class SimulateOptions:
     config: RunConfig = RunConfig()
     stage_timeout_s: float = 120.0  # a secure-aggregation step without training
     tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
+    # Ranks splitting each volume in depth, per hospital name ("*": every hospital).
+    tp: dict[str, int] = field(default_factory=dict)
 
 
 def describe(event: Event) -> str | None:
@@ -103,8 +105,13 @@ def run_simulation(opts: SimulateOptions,
                               stage_timeout_s=opts.stage_timeout_s, pinned_keys=pinned)
     run_config = {**cfg.to_dict(), **settings.to_run_config()}
     threads = max(1, (os.cpu_count() or 1) // len(sites))
+    unknown = sorted(set(opts.tp) - {site.name for site in sites} - {"*"})
+    if unknown:
+        raise ValueError(f"--tp names {', '.join(unknown)}, not among the hospitals "
+                         f"{', '.join(site.name for site in sites)}")
     nodes = [replace(enrolled_node(node_dir, site.name, pinned), data_path=site,
-                     threads=threads) for site in sites]
+                     threads=threads, tp=opts.tp.get(site.name, opts.tp.get("*", 1)))
+             for site in sites]
     for stale in (files.EVENTS, files.SERVER_STATE):
         (out / stale).unlink(missing_ok=True)
     tail = EventTail(out / files.EVENTS)

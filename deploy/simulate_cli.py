@@ -32,6 +32,25 @@ def _with_progress_bar(opts: Any, rounds: int, run: Callable[..., dict[str, Any]
         return run(opts, on_event=on_event)
 
 
+def parse_tp(spec: str) -> dict[str, int]:
+    """`--tp`: "P" -> {"*": P} (every hospital), "NAME=P,NAME=P" -> {NAME: P, ...}."""
+
+    def ranks(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < 1:
+            raise ValueError(f"--tp: {text!r} is not a whole number of ranks >= 1")
+        return int(text)
+
+    if "=" not in spec:
+        return {"*": ranks(spec)}
+    out = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if not name.strip():
+            raise ValueError(f"--tp: {item!r} names no hospital (HOSPITAL=P)")
+        out[name.strip()] = ranks(value)
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedmri simulate",
@@ -49,10 +68,18 @@ def main(argv: list[str]) -> int:
                              "without training; later ones count as dropped")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS between the processes (default: TLS with a per-run CA)")
+    parser.add_argument("--tp", default="1", metavar="P|HOSPITAL=P,...",
+                        help="worker processes that split each volume in depth (spatial tensor "
+                             "parallelism): P for every hospital, or per hospital, e.g. "
+                             "hospital-1=2")
     add_run_config_args(parser)  # --seed seeds the cohort too
     args = parser.parse_args(argv)
     if args.hospitals < 1:
         parser.error("--hospitals must be >= 1")
+    try:
+        tp = parse_tp(args.tp)
+    except ValueError as err:
+        parser.error(str(err))
     if args.out.exists() and (args.out / files.REPORT).exists():
         parser.error(f"{args.out} already holds a finished run; choose another --out")
     try:
@@ -65,7 +92,7 @@ def main(argv: list[str]) -> int:
 
     opts = SimulateOptions(out=args.out, hospitals=args.hospitals, subjects=args.subjects,
                            seed=cfg.seed, data=args.data, timeout_s=args.timeout, config=cfg,
-                           tls=not args.insecure, stage_timeout_s=args.stage_timeout)
+                           tls=not args.insecure, stage_timeout_s=args.stage_timeout, tp=tp)
 
     def work() -> dict[str, Any]:
         if sys.stdout.isatty():

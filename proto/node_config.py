@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from fedmri.proto.typed_config import (
     NAME,
     NON_NEGATIVE,
+    POSITIVE,
     ConfigError,
     key_of,
     parse,
@@ -38,6 +39,9 @@ class NodeConfig:
     hospital: str = setting("hospital", help="the hospital's name, as enrolled", check=NAME)
     data_path: Path | None = setting("data-path", None, "the hospital's DICOM folder")
     threads: int = setting("threads", 0, "torch CPU threads; 0: torch's default", NON_NEGATIVE)
+    tp: int = setting("tp", 1, "tensor-parallel ranks that split each volume in depth", POSITIVE)
+    dp: int = setting("dp", 1, "data-parallel replicas of those ranks (dp x tp processes)",
+                      POSITIVE)
     identity_key: Path | None = setting(
         "identity-key", None, "the hospital's Ed25519 identity key (PEM), secure aggregation")
     pinned_keys: Path | None = setting(

@@ -14,6 +14,8 @@ class HospitalRound:
     train_seconds: float | None = None
     val_dice: float | None = None  # of the global model this round produced
     val_loss: float | None = None
+    # Starting its dp x tp worker processes and their process group (hospitals on a mesh).
+    mesh_setup_seconds: float | None = None
 
 
 @dataclass

@@ -24,6 +24,7 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 LOAD_SECONDS = "load-seconds"
+MESH_SETUP_SECONDS = "mesh-setup-seconds"  # starting tp x dp workers and their group
 VAL_DICE = "val-dice"
 VAL_LOSS = "val-loss"
 NUM_VAL = "num-val-examples"

@@ -57,6 +57,7 @@ _RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     wire.VAL_DICE: ("between 0 and 1", lambda v: 0.0 <= v <= 1.0),
     wire.TRAIN_SECONDS: ("0 or more", lambda v: v >= 0),
     wire.LOAD_SECONDS: ("0 or more", lambda v: v >= 0),
+    wire.MESH_SETUP_SECONDS: ("0 or more", lambda v: v >= 0),
 }
 
 

@@ -143,7 +143,8 @@ class Federation:
             hospitals={r.hospital: HospitalRound(
                 num_examples=int(r.metrics.get(wire.NUM_EXAMPLES, 0)),
                 train_loss=r.metrics.get(wire.TRAIN_LOSS),
-                train_seconds=r.metrics.get(wire.TRAIN_SECONDS)) for r in trained}))
+                train_seconds=r.metrics.get(wire.TRAIN_SECONDS),
+                mesh_setup_seconds=r.metrics.get(wire.MESH_SETUP_SECONDS)) for r in trained}))
         self._checkpoint()
         self.emit(RoundDone(rnd, round(seconds, 2), len(trained), len(exchange.failures),
                             {r.hospital: round(r.metrics.get(wire.TRAIN_LOSS, float("nan")), 4)

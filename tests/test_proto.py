@@ -20,14 +20,16 @@ RUNTIME_ROOMS = ("server", "client", "common", "deploy", "kernels")
 
 
 def test_node_config_round_trips_and_names_bad_keys() -> None:
-    node = NodeConfig(hospital="hospital-1", data_path=Path("/data/h1"), threads=2,
+    node = NodeConfig(hospital="hospital-1", data_path=Path("/data/h1"), threads=2, tp=2,
                       state_dir=Path("/var/lib/fedmri"))
     record = node.to_node_config()
     assert record == {"hospital": "hospital-1", "data-path": "/data/h1", "threads": 2,
-                      "state-dir": "/var/lib/fedmri"}
+                      "tp": 2, "dp": 1, "state-dir": "/var/lib/fedmri"}
     assert NodeConfig.from_mapping(record) == node
     assert node.to_node_config_arg() == ('hospital="hospital-1" data-path="/data/h1" '
-                                         'threads=2 state-dir="/var/lib/fedmri"')
+                                         'threads=2 tp=2 dp=1 state-dir="/var/lib/fedmri"')
+    with pytest.raises(ConfigError, match=r"'tp' must be greater than 0, got 0"):
+        NodeConfig.from_mapping({"hospital": "h", "tp": 0})
     with pytest.raises(ConfigError, match=r"SuperNode 4: missing 'hospital'"):
         NodeConfig.from_mapping({"data-path": "/x"}, node_id=4)
     with pytest.raises(ConfigError, match=r"SuperNode 4: 'threads' must be int, got 'many'"):

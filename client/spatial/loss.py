@@ -29,6 +29,8 @@ def dice_ce_loss(logits: torch.Tensor | None, labels: torch.Tensor | None, mesh:
         zero = torch.zeros((), dtype=dtype)
         return _combine(replica_sum(zero, mesh.dp_group), replica_sum(zero, mesh.world_group),
                         num_classes, batch_size, volume_voxels)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # reduced-precision logits (autocast): sums in float32
     probs = torch.softmax(logits, dim=1)
     onehot = F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).to(probs.dtype)
     dims = tuple(range(2, logits.dim()))

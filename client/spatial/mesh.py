@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.distributed as dist
 
@@ -41,6 +41,10 @@ class SpatialMesh:
     def world_size(self) -> int:
         return self.tp_size * self.dp_size
 
+    def tp_only(self) -> SpatialMesh:
+        """This rank's tp group alone: reductions that span one sample, not the batch."""
+        return replace(self, dp_size=1, dp_group=None, world_group=self.tp_group)
+
     def _global(self, tp_rank: int) -> int:
         return self.dp_rank * self.tp_size + tp_rank
 
@@ -76,3 +80,11 @@ def init_mesh(dp: int, tp: int) -> SpatialMesh:
                        tp_group=tp_groups[dp_rank] if tp > 1 else None,
                        dp_group=dp_groups[tp_rank] if dp > 1 else None,
                        world_group=dist.group.WORLD if world > 1 else None)
+
+
+def gpu_per_rank(world: int) -> bool:
+    """Whether each of `world` local ranks gets a GPU of its own (NCCL), else all use the
+    CPU (gloo): NCCL refuses two ranks on one GPU."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= world

@@ -17,7 +17,7 @@ def _normalize(x: torch.Tensor, groups: int, eps: float,
     """(x - mean) / sqrt(var + eps) per sample and channel group, statistics over `group`."""
     n = x.shape[0]
     flat = x.reshape(n, groups, -1)
-    count = plain_sum(torch.tensor(float(flat.shape[2]), dtype=torch.float64), group).item()
+    count = plain_sum(flat.new_tensor(float(flat.shape[2]), dtype=torch.float64), group).item()
     mean = shared_sum(flat.sum(-1), group) / count
     centred = flat - mean.unsqueeze(-1)
     var = shared_sum(centred.square().sum(-1), group) / count
@@ -73,7 +73,7 @@ class SpatialBatchNorm3d(SpatialModule, nn.BatchNorm3d):
         group = self.mesh.world_group
         c = x.shape[1]
         flat = x.transpose(0, 1).reshape(c, -1)
-        count = plain_sum(torch.tensor(float(flat.shape[1]), dtype=torch.float64), group).item()
+        count = plain_sum(flat.new_tensor(float(flat.shape[1]), dtype=torch.float64), group).item()
         mean = shared_sum(flat.sum(-1), group) / count
         centred = flat - mean.unsqueeze(-1)
         var = shared_sum(centred.square().sum(-1), group) / count

@@ -19,13 +19,17 @@ def main(argv: list[str]) -> int:
         import torch
         import torch.distributed as dist
 
-        from fedmri.client.spatial.mesh import init_mesh
+        from fedmri.client.spatial.mesh import gpu_per_rank, init_mesh
 
         torch.set_num_threads(max(threads, 1))
         world = dp * tp
+        gpus = gpu_per_rank(world)
+        if gpus:
+            torch.cuda.set_device(rank)
         if world > 1:
-            dist.init_process_group("gloo", store=dist.FileStore(str(job_dir / "store"), world),
-                                    rank=rank, world_size=world,
+            store = dist.FileStore(str(job_dir / "store"), world)
+            dist.init_process_group("nccl" if gpus else "gloo", store=store, rank=rank,
+                                    world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
         mesh = init_mesh(dp, tp)
         module, _, function = target.partition(":")
