@@ -19,9 +19,16 @@ import torch.distributed as dist
 from fedmri.client.spatial.mesh import SpatialMesh
 
 
+class HaloTraffic:
+    """Bytes this process has sent in halo exchanges, forward and backward (for benchmarks)."""
+
+    bytes_sent = 0
+
+
 def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
               group: dist.ProcessGroup | None) -> None:
     """Batched point-to-point: post every receive and send, then wait for all."""
+    HaloTraffic.bytes_sent += sum(t.numel() * t.element_size() for t, _ in sends)
     ops = [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
     ops += [dist.P2POp(dist.isend, t.contiguous(), peer, group) for t, peer in sends]
     if ops:

@@ -42,6 +42,21 @@ class SpatialModule(nn.Module):
                 "multiples of the network's total stride (cut the volume with plan_slabs)")
 
 
+def halo_planes(module: nn.Module) -> tuple[int, int]:
+    """(planes from below, planes from above) that a depth-split layer of this torch layer's
+    configuration exchanges with its neighbours (the same in forward and backward)."""
+    if isinstance(module, nn.Conv3d):
+        k, stride = module.kernel_size[0], module.stride[0]
+        # A stride-2 window of an aligned slab never reaches past its last plane.
+        return k // 2, k // 2 if stride == 1 else 0
+    if isinstance(module, nn.ConvTranspose3d):
+        k, s, p = module.kernel_size[0], module.stride[0], _ints(module.padding)[0]
+        return max(0, (k - 1 - p) // s), max(0, (p - 1 + s) // s)
+    if isinstance(module, nn.Upsample) and module.mode != "nearest":
+        return 1, 1
+    return 0, 0
+
+
 def _edge_zeros(x: torch.Tensor, halo: torch.Tensor | None, planes: int) -> torch.Tensor | None:
     if halo is not None or planes == 0:
         return halo
@@ -66,11 +81,10 @@ class SpatialConv3d(SpatialModule, nn.Conv3d):
                 "padding, no dilation, groups 1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, stride = self.kernel_size[0], self.stride[0]
+        stride = self.stride[0]
         if stride > 1:
             self.check_aligned(x, stride)
-        # A stride-2 window of an aligned slab never reaches past its last plane.
-        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, k // 2, k // 2 if stride == 1 else 0)
+        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, *halo_planes(self))
         x, w, b = autocast_inputs(x, self.weight, self.bias)
         if halo_lo is not None:
             halo_lo = halo_lo.to(x.dtype)
@@ -99,17 +113,13 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
             raise Unsupported(f"kernel {k}, stride {s}, padding {p}, output padding {op} in "
                               f"depth: the output depth is not exactly {s} x the input's")
 
-    def _halos(self) -> tuple[int, int]:
-        k, s, p = self.kernel_size[0], self.stride[0], _ints(self.padding)[0]
-        return max(0, (k - 1 - p) // s), max(0, (p - 1 + s) // s)
-
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if self.mesh.tp_size == 1:
             return nn.ConvTranspose3d.forward(self, x, output_size)
         if output_size is not None:
             raise Unsupported(f"layer '{self.spatial_name}': output_size is not supported "
                               "on depth slabs")
-        lo, hi = self._halos()
+        lo, hi = halo_planes(self)
         x, halo_lo, halo_hi = halo_exchange(x, self.mesh, lo, hi)
         # Zero planes past the volume's ends add nothing: the same sums as the whole volume.
         parts = [t for t in (_edge_zeros(x, halo_lo, lo), x, _edge_zeros(x, halo_hi, hi))
@@ -151,7 +161,7 @@ class SpatialUpsample(SpatialModule, nn.Upsample):
         scale = int(_depth_scale(self))
         depths = slab_depths(x.shape[2], self.mesh, x.device)
         start, total = sum(depths[:self.mesh.tp_rank]), sum(depths)
-        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, 1, 1)
+        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, *halo_planes(self))
         ext = torch.cat([t for t in (halo_lo, x, halo_hi) if t is not None], dim=2)
         first = start - (1 if halo_lo is not None else 0)  # global plane of ext[:, :, 0]
         i0, i1, w1 = _linear_sources(scale * start, scale * x.shape[2], total, scale,

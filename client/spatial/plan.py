@@ -9,6 +9,7 @@ memory, no compute) and cuts the volume into the most even aligned slabs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -44,28 +45,43 @@ def depth_stride(module: nn.Module) -> int:
     return 1
 
 
-def strided_layers(model: nn.Module, shape: tuple[int, ...]) -> list[StridedLayer]:
-    """Every downsampling layer of `model` and its input depth, for an input of `shape`
-    (N, C, D, H, W), from one forward pass on meta tensors of a copy of the model."""
+@dataclass(frozen=True)
+class LayerInput:
+    name: str
+    module: nn.Module
+    shape: torch.Size
+    network_input: bool  # the layer reads the network's input (no gradient flows back)
+
+
+def layer_inputs(model: nn.Module, shape: tuple[int, ...],
+                 select: Callable[[nn.Module], bool]) -> list[LayerInput]:
+    """Every call of a selected layer of `model`, in call order, for an input of `shape`
+    (N, C, D, H, W): one forward pass on meta tensors of a copy of the model (no memory, no
+    compute). Layers of the copy are whole-volume torch layers."""
     from fedmri.client.spatial.convert import local_copy
 
     probe = local_copy(model).to("meta")
-    found: list[StridedLayer] = []
+    x = torch.empty(shape, device="meta")
+    found: list[LayerInput] = []
     hooks = []
     for name, module in probe.named_modules():
-        stride = depth_stride(module)
-        if stride > 1:
-            def record(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name,
-                       stride: int = stride) -> None:
-                found.append(StridedLayer(name, stride, int(args[0].shape[2])))
+        if select(module):
+            def record(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                found.append(LayerInput(name, mod, args[0].shape, args[0] is x))
             hooks.append(module.register_forward_pre_hook(record))
     try:
         with torch.no_grad():
-            probe(torch.empty(shape, device="meta"))
+            probe(x)
     finally:
         for hook in hooks:
             hook.remove()
     return found
+
+
+def strided_layers(model: nn.Module, shape: tuple[int, ...]) -> list[StridedLayer]:
+    """Every downsampling layer of `model` and its input depth, for an input of `shape`."""
+    return [StridedLayer(call.name, depth_stride(call.module), int(call.shape[2]))
+            for call in layer_inputs(model, shape, lambda m: depth_stride(m) > 1)]
 
 
 def split_depth(depth: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
@@ -106,8 +122,4 @@ def plan_slabs(model: nn.Module, depth: int, parts: int,
             f"on multiples of {align} planes ({err})") from None
 
 
-def local_depths(slabs: list[tuple[int, int]]) -> list[int]:
-    return [stop - start for start, stop in slabs]
-
-
-__all__ = ["SlabError", "local_depths", "plan_slabs", "split_depth", "strided_layers"]
+__all__ = ["SlabError", "layer_inputs", "plan_slabs", "split_depth", "strided_layers"]
