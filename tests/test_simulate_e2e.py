@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from spatial_check import assert_same_model
 
 from fedmri.client.train_cli import score_site
 from fedmri.common.checkpoint import save_model
@@ -21,6 +22,9 @@ from fedmri.common.models import build_model, load_model
 
 pytestmark = pytest.mark.slow
 UNTRAINED_MARGIN = 0.03  # seed 5: 0.20 trained against 0.12 untrained
+# A hospital training on 2 ranks against 1: float32 summation order through one local step
+# (see tests/test_spatial_hospital.py) plus the stochastic rounding of secure aggregation.
+SPLIT_TOLERANCE = 2e-2
 
 FEDMRI = [sys.executable, "-m", "fedmri.common.cli"]
 SMALL = ["--hospitals", "2", "--rounds", "2", "--subjects", "3", "--size", "32",
@@ -146,15 +150,33 @@ def test_same_seed_same_result(plain_run: Path, cohort: Path, tmp_path: Path) ->
     assert not any(e["event"] == "secure_sum" for e in _events(plain_run))
 
 
+@pytest.fixture(scope="module")
+def secure_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _simulate(cohort, tmp_path_factory.mktemp("secure") / "out", "--secure")
+
+
 def test_secure_and_plain_models_differ_only_within_the_quantization_bound(
-        plain_run: Path, cohort: Path, tmp_path: Path) -> None:
-    secure = _simulate(cohort, tmp_path / "secure", "--secure")
+        plain_run: Path, secure_run: Path) -> None:
+    secure = secure_run
     bound = [e for e in _events(secure) if e["event"] == "secure_sum"][0]["error_bound"]
     assert 0 < bound < 1e-4
     plain, masked = _weights(plain_run), _weights(secure)
     worst = max(float((plain[k].double() - masked[k].double()).abs().max()) for k in plain)
     assert worst > 0  # stochastic rounding really happened
     assert worst <= bound + 1e-6  # + float32 rounding of the stored weights
+
+
+def test_a_hospital_splitting_its_volumes_over_two_ranks_trains_the_same_model(
+        secure_run: Path, cohort: Path, tmp_path: Path) -> None:
+    split = _simulate(cohort, tmp_path / "tp", "--secure", "--tp", "hospital-1=2")
+    rnd = json.loads((split / "report.json").read_text())["rounds"][0]["hospitals"]
+    assert rnd["hospital-1"]["mesh_setup_seconds"] > 0  # it did train on two ranks
+    assert rnd["hospital-2"]["mesh_setup_seconds"] is None
+    want, cfg = load_model(secure_run / "global_model.pt")
+    got = _weights(split)
+    image = torch.rand(1, 1, cfg.size, cfg.size, cfg.size,
+                       generator=torch.Generator().manual_seed(0))
+    assert_same_model(got, want, cfg, image, SPLIT_TOLERANCE)
 
 
 def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:

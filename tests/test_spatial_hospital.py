@@ -11,11 +11,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from spatial_check import assert_same_model
 
 from fedmri.client.hospital_data import load_hospital
 from fedmri.client.spatial.hospital import MeshOutcome, run_on_mesh
 from fedmri.client.spatial.launch import MeshShape, WorkerFailure
-from fedmri.client.trainer import evaluate, loss_fn, train_local
+from fedmri.client.trainer import evaluate, train_local
 from fedmri.common.config import RunConfig
 from fedmri.common.models import build_model
 
@@ -38,32 +39,6 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "hospital-1"
 
 
-def inert_parameters(model: torch.nn.Module) -> set[str]:
-    """Parameters whose gradient is zero in exact arithmetic (a bias right before an instance
-    norm): Adam moves them by lr * sign(rounding noise), and they change no output."""
-    probe = build_model(CFG).double()
-    probe.load_state_dict(model.state_dict())
-    x = torch.rand(1, 1, 32, 32, 32, dtype=torch.float64)
-    loss_fn()(probe(x), torch.randint(0, 3, (1, 1, 32, 32, 32))).backward()
-    top = max(p.grad.abs().max().item() for p in probe.parameters())
-    return {n for n, p in probe.named_parameters() if p.grad.abs().max().item() <= 1e-12 * top}
-
-
-def _assert_same_model(got: dict[str, torch.Tensor], want: torch.nn.Module,
-                       image: torch.Tensor) -> None:
-    inert = inert_parameters(want)
-    assert inert and all(n.endswith("bias") for n in inert)
-    for name, value in want.state_dict().items():
-        if name not in inert and value.is_floating_point():
-            err = (got[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)
-            assert err <= FLOAT32_TOLERANCE, f"{name} differs by {err:.2e}"
-    other = build_model(CFG)
-    other.load_state_dict(got)
-    with torch.no_grad():
-        a, b = want.eval()(image), other.eval()(image)
-    assert ((a - b).abs().max() / a.abs().max()).item() <= FLOAT32_TOLERANCE
-
-
 @pytest.mark.parametrize("shape", [MeshShape(tp=2), MeshShape(dp=2, tp=2)],
                          ids=["tp2", "dp2xtp2"])
 def test_training_on_a_mesh_gives_the_single_process_model(hospital: Path,
@@ -81,7 +56,8 @@ def test_training_on_a_mesh_gives_the_single_process_model(hospital: Path,
     assert outcome.val.dice == pytest.approx(before.dice, abs=1e-4)
     assert outcome.val.loss == pytest.approx(before.loss, rel=1e-5)
     assert outcome.setup_seconds > 0
-    _assert_same_model(outcome.state_dict, model, torch.from_numpy(data.val[0].image[None]))
+    assert_same_model(outcome.state_dict, model, CFG,
+                      torch.from_numpy(data.val[0].image[None]), FLOAT32_TOLERANCE)
 
 
 def _mesh_dirs() -> set[Path]:
