@@ -12,6 +12,7 @@ import torch
 
 from fedmri.client.spatial import SpatialMesh, parallelize, plan_slabs
 from fedmri.client.spatial.comm import sum_gradients
+from fedmri.client.spatial.hospital import mesh_device
 from fedmri.client.spatial.loss import dice_ce_loss
 from fedmri.client.trainer import loss_fn
 from fedmri.common.config import RunConfig
@@ -53,13 +54,14 @@ def assert_same_model(got: dict[str, torch.Tensor], want: torch.nn.Module, cfg: 
 
 
 def check(name: str, depth: int, hw: int, batch: int, mesh: SpatialMesh,
-          die: bool = False) -> dict[str, float]:
+          die: bool = False, dtype: torch.dtype = torch.float64) -> dict[str, float]:
     cfg = RunConfig(model=name, num_classes=3)
+    dev = mesh_device(mesh)
     torch.manual_seed(7)
-    x = torch.rand(batch, 1, depth, hw, hw, dtype=torch.float64)
-    y = torch.randint(0, 3, (batch, 1, depth, hw, hw))
-    ref = build_model(cfg, seed=3).double()
-    model = build_model(cfg, seed=3).double()
+    x = torch.rand(batch, 1, depth, hw, hw, dtype=dtype).to(dev)
+    y = torch.randint(0, 3, (batch, 1, depth, hw, hw)).to(dev)
+    ref = build_model(cfg, seed=3).to(dev, dtype)
+    model = build_model(cfg, seed=3).to(dev, dtype)
     out_ref = ref(x)
     loss_ref = loss_fn()(out_ref, y)
     loss_ref.backward()
@@ -73,7 +75,7 @@ def check(name: str, depth: int, hw: int, batch: int, mesh: SpatialMesh,
     samples = [i for i in range(batch) if i % mesh.dp_size == mesh.dp_rank]
     out = model(x[samples, :, a:b]) if samples else None
     loss = dice_ce_loss(out, y[samples, :, a:b] if samples else None, mesh, 3, batch,
-                        depth * hw * hw, dtype=torch.float64)
+                        depth * hw * hw, dtype=dtype)
     if out is not None:
         loss.backward()
     sum_gradients(list(model.parameters()), mesh)
@@ -100,10 +102,11 @@ def check(name: str, depth: int, hw: int, batch: int, mesh: SpatialMesh,
 
 
 def run(mesh: SpatialMesh, job_dir: Path) -> None:
-    torch.set_default_dtype(torch.float64)
     job = json.loads((job_dir / "job.json").read_text())
+    dtype = getattr(torch, job.get("dtype", "float64"))
+    torch.set_default_dtype(dtype)
     rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
     die = job.get("die_rank") == rank
     results = {case["name"]: check(case["name"], case["depth"], case["hw"], job["batch"], mesh,
-                                   die) for case in job["cases"]}
+                                   die, dtype) for case in job["cases"]}
     (job_dir / f"result{rank}.json").write_text(json.dumps(results))
