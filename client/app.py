@@ -63,8 +63,8 @@ def _eval_metrics(result: EvalResult, data: HospitalData) -> dict[str, float]:
             wire.NUM_VAL: float(len(data.val))}
 
 
-def _mesh(node: NodeConfig, cfg: RunConfig, model: torch.nn.Module, seed: int, epochs: int,
-          evaluate_first: bool) -> MeshOutcome:
+def _mesh(node: NodeConfig, cfg: RunConfig, model: torch.nn.Module, data: HospitalData,
+          seed: int, epochs: int, evaluate_first: bool) -> MeshOutcome:
     """Train and/or evaluate on the node's dp x tp local ranks (fedmri.client.spatial)."""
     import os
 
@@ -73,8 +73,8 @@ def _mesh(node: NodeConfig, cfg: RunConfig, model: torch.nn.Module, seed: int, e
 
     shape = MeshShape(dp=node.dp, tp=node.tp)
     threads = max(1, (node.threads or os.cpu_count() or 1) // shape.world)
-    outcome = run_on_mesh(shape, node.require("data_path", "training"), cfg, model.state_dict(),
-                          seed, epochs, evaluate_first, threads)
+    outcome = run_on_mesh(shape, data, cfg, model.state_dict(), seed, epochs, evaluate_first,
+                          threads)
     model.load_state_dict(outcome.state_dict)
     return outcome
 
@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = cfg.seed + 1000 * rnd + zlib.crc32(hospital.encode()) % 1000
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if _on_mesh(node):
-        outcome = _mesh(node, cfg, model, seed, cfg.local_epochs, evaluate_first)
+        outcome = _mesh(node, cfg, model, data, seed, cfg.local_epochs, evaluate_first)
         assert outcome.train is not None
         result = outcome.train
         metrics[wire.MESH_SETUP_SECONDS] = outcome.setup_seconds
@@ -137,7 +137,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     node, cfg, model, data, load_s = _setup(msg, context)
     metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
     if _on_mesh(node):
-        outcome = _mesh(node, cfg, model, seed=cfg.seed, epochs=0, evaluate_first=True)
+        outcome = _mesh(node, cfg, model, data, seed=cfg.seed, epochs=0, evaluate_first=True)
         assert outcome.val is not None
         metrics.update(_eval_metrics(outcome.val, data))
         metrics[wire.MESH_SETUP_SECONDS] = outcome.setup_seconds

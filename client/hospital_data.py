@@ -28,6 +28,7 @@ class HospitalData:
     train: list[Case]
     val: list[Case]
     rejected: list[str]  # "path: reason" of series that could not be used
+    cache: Path  # the decoded cases (read_cache reads slabs of them)
 
 
 def _cache_root() -> Path:
@@ -70,38 +71,38 @@ def _cached(data_dir: Path, cfg: RunConfig) -> Path:
     return cache
 
 
-def _load_all(data_dir: Path, cfg: RunConfig,
-              slab: tuple[int, int] | None) -> tuple[list[Case], list[str]]:
-    cache = _cached(data_dir, cfg)
+def read_cache(cache: Path, cfg: RunConfig, slab: tuple[int, int] | None = None,
+               source: Path | None = None) -> HospitalData:
+    """The train/validation split of a cache folder (of `source`, for messages),
+    deterministic for cfg.seed.
+
+    `slab`: only depth planes [start, stop) of every case are read (a tensor-parallel rank);
+    (0, 0) reads none, for a process that only needs the names and the split."""
     names = [str(n) for n in np.load(cache / "names.npy")]
     rejected = [str(r) for r in np.load(cache / "rejected.npy")]
+    for reason in rejected:
+        log.warning("series rejected: %s", reason)
     if not names:
-        return [], rejected
+        where = source or cache
+        raise ValueError(
+            f"no usable labelled MR series under {where}"
+            + (f" ({len(rejected)} rejected; run `fedmri data scan {where}`)" if rejected
+               else " (no DICOM files found)")
+        )
     depth = slice(*slab) if slab is not None else slice(None)
     images = np.load(cache / "images.npy", mmap_mode="r")
     labels = np.load(cache / "labels.npy", mmap_mode="r")
     cases = [Case(n, np.array(images[i][:, depth]), np.array(labels[i][depth]))
              for i, n in enumerate(names)]
-    return cases, rejected
+    train, val = split_cases(cases, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return HospitalData(train=train, val=val, rejected=rejected, cache=cache)
 
 
 def load_hospital(data_dir: Path, cfg: RunConfig,
                   slab: tuple[int, int] | None = None) -> HospitalData:
-    """Train/validation split of the hospital folder, deterministic for cfg.seed.
-
-    `slab`: only depth planes [start, stop) of every case are read (a tensor-parallel rank);
-    (0, 0) reads none, for a process that only needs the names and the split."""
+    """Train/validation split of the hospital folder (decoded once into the cache), see
+    read_cache."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    cases, rejected = _load_all(data_dir, cfg, slab)
-    for reason in rejected:
-        log.warning("series rejected: %s", reason)
-    if not cases:
-        raise ValueError(
-            f"no usable labelled MR series under {data_dir}"
-            + (f" ({len(rejected)} rejected; run `fedmri data scan {data_dir}`)" if rejected
-               else " (no DICOM files found)")
-        )
-    train, val = split_cases(cases, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    return HospitalData(train=train, val=val, rejected=rejected)
+    return read_cache(_cached(data_dir, cfg), cfg, slab, source=data_dir)

@@ -53,15 +53,37 @@ def assert_same_model(got: dict[str, torch.Tensor], want: torch.nn.Module, cfg: 
     assert ((a - b).abs().max() / a.abs().max()).item() <= tolerance
 
 
+def mixed_network() -> torch.nn.Module:
+    """Layers the trainer's networks do not use: transposed convolutions that add output
+    planes by output_padding alone, a strided conv and pooling at upsampled depths,
+    trilinear upsampling with aligned corners, group and batch norm (running statistics)."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.ConvTranspose3d(4, 4, 1, stride=2, output_padding=1),
+        nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv3d(4, 4, 3, stride=2, padding=1),
+        nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True), nn.BatchNorm3d(4),
+        nn.ConvTranspose3d(4, 4, 3, stride=2, padding=1, output_padding=1), nn.AvgPool3d(2),
+        nn.MaxPool3d(2), nn.PReLU(), nn.Conv3d(4, 3, 1))
+
+
 def check(name: str, depth: int, hw: int, batch: int, mesh: SpatialMesh,
-          die: bool = False, dtype: torch.dtype = torch.float64) -> dict[str, float]:
-    cfg = RunConfig(model=name, num_classes=3)
+          die: bool = False, dtype: torch.dtype = torch.float64,
+          channels_last: bool = False) -> dict[str, float]:
+    cfg = RunConfig(model=name if name != "mixed" else "unet", num_classes=3)
     dev = mesh_device(mesh)
     torch.manual_seed(7)
     x = torch.rand(batch, 1, depth, hw, hw, dtype=dtype).to(dev)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
     y = torch.randint(0, 3, (batch, 1, depth, hw, hw)).to(dev)
-    ref = build_model(cfg, seed=3).to(dev, dtype)
-    model = build_model(cfg, seed=3).to(dev, dtype)
+
+    def build() -> torch.nn.Module:
+        if name == "mixed":
+            torch.manual_seed(3)
+            return mixed_network().to(dev, dtype)
+        return build_model(cfg, seed=3).to(dev, dtype)
+
+    ref, model = build(), build()
     out_ref = ref(x)
     loss_ref = loss_fn()(out_ref, y)
     loss_ref.backward()
@@ -108,5 +130,17 @@ def run(mesh: SpatialMesh, job_dir: Path) -> None:
     rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
     die = job.get("die_rank") == rank
     results = {case["name"]: check(case["name"], case["depth"], case["hw"], job["batch"], mesh,
-                                   die, dtype) for case in job["cases"]}
+                                   die, dtype, case.get("channels_last", False))
+               for case in job["cases"]}
     (job_dir / f"result{rank}.json").write_text(json.dumps(results))
+
+
+def noop(mesh: SpatialMesh, job_dir: Path) -> None:
+    """A job that only joins the process group (launcher tests)."""
+
+
+def sleep(mesh: SpatialMesh, job_dir: Path) -> None:
+    """A job that outlives its launcher (launcher tests)."""
+    import time
+
+    time.sleep(600)

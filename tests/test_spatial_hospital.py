@@ -3,6 +3,7 @@ a rank that dies is named, the others stop, and nothing is left behind."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -48,7 +49,7 @@ def test_training_on_a_mesh_gives_the_single_process_model(hospital: Path,
     data = load_hospital(hospital, CFG)
     before = evaluate(model, data.val, CFG)
     single = train_local(model, data.train, CFG, CFG.local_epochs, seed=11)
-    outcome: MeshOutcome = run_on_mesh(shape, hospital, CFG, weights, seed=11,
+    outcome: MeshOutcome = run_on_mesh(shape, data, CFG, weights, seed=11,
                                        epochs=CFG.local_epochs, evaluate_first=True, threads=1)
     assert outcome.train is not None and outcome.val is not None
     assert outcome.train.steps == single.steps
@@ -70,8 +71,9 @@ def test_a_rank_killed_mid_training_is_named_and_nothing_hangs(hospital: Path) -
 
     def train() -> None:
         try:
-            run_on_mesh(MeshShape(tp=3), hospital, CFG, build_model(CFG).state_dict(), seed=1,
-                        epochs=500, evaluate_first=False, threads=1)
+            run_on_mesh(MeshShape(tp=3), load_hospital(hospital, CFG, slab=(0, 0)), CFG,
+                        build_model(CFG).state_dict(), seed=1, epochs=500,
+                        evaluate_first=False, threads=1)
         except BaseException as err:
             errors.append(err)
 
@@ -97,3 +99,29 @@ def test_a_rank_killed_mid_training_is_named_and_nothing_hangs(hospital: Path) -
     assert "rank 1" in str(errors[0])
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
     assert _mesh_dirs() == before  # the job folder (weights) is gone
+
+
+def test_job_folders_of_killed_hospital_processes_are_removed_at_the_next_job() -> None:
+    from fedmri.client.spatial.hospital import JOB_PREFIX, _remove_orphaned_jobs
+
+    dead = psutil.Popen(["true"])
+    dead.wait()
+    orphan = Path(tempfile.mkdtemp(prefix=f"{JOB_PREFIX}{dead.pid}-"))
+    mine = Path(tempfile.mkdtemp(prefix=f"{JOB_PREFIX}{psutil.Process().pid}-"))
+    try:
+        _remove_orphaned_jobs()
+        assert not orphan.exists() and mine.exists()
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(orphan, ignore_errors=True)
+
+
+def test_a_rank_error_is_short_and_says_where() -> None:
+    from fedmri.client.spatial.worker import MAX_ERROR_CHARS, _describe
+
+    try:
+        raise ValueError("x" * 1_000_000)
+    except ValueError as err:
+        text = _describe(err)
+    assert len(text) < MAX_ERROR_CHARS + 500
+    assert "(1000012 characters)" in text and "test_spatial_hospital.py" in text

@@ -39,7 +39,7 @@ def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Ten
 def _planes(x: torch.Tensor, count: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[2] = count
-    return x.new_empty(shape)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)  # standard layout
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -72,12 +72,14 @@ class _HaloExchange(torch.autograd.Function):
         grad_x = grad_out.clone()
         depth = grad_x.shape[2]
         sends, recvs = [], []
+        # Received into fresh standard-layout buffers: the senders send contiguous copies,
+        # whatever the memory format (channels_last) of the gradients here.
         if below is not None:
             sends += [(grad_lo, below)] if lo else []
-            recvs += [(grad_x[:, :, :hi].clone(), below)] if hi else []
+            recvs += [(_planes(grad_x, hi), below)] if hi else []
         if above is not None:
             sends += [(grad_hi, above)] if hi else []
-            recvs += [(grad_x[:, :, depth - lo:].clone(), above)] if lo else []
+            recvs += [(_planes(grad_x, lo), above)] if lo else []
         _exchange(sends, recvs, mesh.tp_group)
         for received, peer in recvs:  # the neighbours' gradients of this rank's boundary planes
             if peer == below:
@@ -87,7 +89,7 @@ class _HaloExchange(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int
+def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: str = "?"
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x, the `lo` depth planes just below this rank's slab, the `hi` planes just above it);
     a halo is None at the volume's ends or where 0 planes are asked. Use the x returned (its
@@ -96,8 +98,9 @@ def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int
     if mesh.tp_size == 1 or lo + hi == 0:
         return x, None, None
     if x.shape[2] < max(lo, hi):
-        raise ValueError(f"a slab of {x.shape[2]} planes cannot give its neighbours "
-                         f"{max(lo, hi)} halo planes; use fewer ranks or a larger volume")
+        raise ValueError(f"layer '{layer}' on tp rank {mesh.tp_rank}: a slab of {x.shape[2]} "
+                         f"planes cannot give its neighbours {max(lo, hi)} halo planes; use "
+                         "fewer ranks or a larger volume (plan_slabs checks this)")
     x, halo_lo, halo_hi = _HaloExchange.apply(x, mesh, lo, hi)
     return x, (halo_lo if halo_lo.shape[2] else None), (halo_hi if halo_hi.shape[2] else None)
 

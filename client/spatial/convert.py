@@ -75,10 +75,14 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _target(module: nn.Module) -> type[SpatialModule] | None:
+def _target(module: nn.Module, mesh: SpatialMesh) -> type[SpatialModule] | None:
     """The split class for a module, or None for one that runs unchanged on a slab."""
     if isinstance(module, SpatialModule):
         return type(module)
+    if isinstance(module, nn.BatchNorm3d) and mesh.dp_size > 1 \
+            and not module.track_running_stats:
+        # Evaluation would take batch statistics, but replicas evaluate different cases.
+        raise Unsupported("batch norm without running statistics on a data-parallel mesh")
     for base, split in SPLIT.items():
         # Exact classes, or subclasses that only change how forward is computed
         # (fedmri.kernels.Conv3d): a subclass with its own parameters is not ours to judge.
@@ -87,6 +91,10 @@ def _target(module: nn.Module) -> type[SpatialModule] | None:
             split.check(module)
             return split
     if isinstance(module, ELEMENTWISE) and type(module).__module__.startswith("torch.nn"):
+        if isinstance(module, (nn.Dropout, nn.Dropout3d)) and module.p > 0:
+            # Each rank would draw its own masks: not those of one whole volume.
+            raise Unsupported(f"dropout p={module.p}: masks drawn per slab differ from one "
+                              "volume's; use dropout 0 with tensor parallelism")
         return None
     if _qualname(type(module)) in CONTAINERS:
         if getattr(module, "dim", 1) != 1:  # SkipConnection concatenates on `dim`
@@ -108,7 +116,7 @@ def parallelize(model: nn.Module,
     errors = []
     for name, module in model.named_modules():
         try:
-            target = _target(module)
+            target = _target(module, mesh)
         except Unsupported as err:
             errors.append(f"'{name or '<model>'}' ({_qualname(type(module))}): {err}")
             continue

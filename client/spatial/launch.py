@@ -40,17 +40,22 @@ class MeshShape:
 
 
 def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
-              timeout_s: float = 24 * 3600.0,
+              timeout_s: float = 24 * 3600.0, collective_timeout_s: float = 600.0,
               extra_env: dict[str, str] | None = None) -> float:
     """Run `target` ("module:function", called as function(mesh, job_dir)) on every rank;
     return the seconds until every rank had joined the process group (the set-up cost).
 
-    Raises WorkerFailure naming the first rank that failed (its error, or how it died)."""
+    `timeout_s` bounds the whole job; `collective_timeout_s` any one exchange or reduction (a
+    rank waiting longer for its peers fails). Raises WorkerFailure naming the rank that failed
+    first (its error, or how it died)."""
+    for stale in ["store", *(f.format("*") for f in (READY_FILE, ERROR_FILE))]:
+        for path in job_dir.glob(stale):  # a folder used before: its store would not rendezvous
+            path.unlink()
     env = {**os.environ, **(extra_env or {}), "OMP_NUM_THREADS": str(max(threads, 1))}
     start = time.perf_counter()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "fedmri.client.spatial.worker", str(job_dir), str(rank),
-         str(shape.dp), str(shape.tp), target, str(threads), str(timeout_s)],
+         str(shape.dp), str(shape.tp), target, str(threads), str(collective_timeout_s)],
         env=env, stdin=subprocess.DEVNULL) for rank in range(shape.world)]
     setup_s: float | None = None
     try:
@@ -61,7 +66,8 @@ def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
                 setup_s = time.perf_counter() - start
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                raise WorkerFailure(_failure(job_dir, failed[0], codes[failed[0]]))
+                first = _first_failure(job_dir, failed)
+                raise WorkerFailure(_failure(job_dir, first, codes[first]))
             if all(c == 0 for c in codes):
                 return setup_s if setup_s is not None else time.perf_counter() - start
             if time.perf_counter() - start > timeout_s:
@@ -73,6 +79,15 @@ def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
                 p.kill()
         for p in procs:
             p.wait()
+
+
+def _first_failure(job_dir: Path, failed: list[int]) -> int:
+    """The rank whose error came first: its peers' errors ("connection closed") follow it."""
+    reported = [(job_dir / ERROR_FILE.format(r)).stat().st_mtime_ns
+                if (job_dir / ERROR_FILE.format(r)).exists() else None for r in failed]
+    if None in reported:  # a rank that died without a word is the likeliest cause
+        return failed[reported.index(None)]
+    return min(zip(reported, failed, strict=True))[1]
 
 
 def _failure(job_dir: Path, rank: int, code: int | None) -> str:

@@ -84,7 +84,7 @@ class SpatialConv3d(SpatialModule, nn.Conv3d):
         stride = self.stride[0]
         if stride > 1:
             self.check_aligned(x, stride)
-        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, *halo_planes(self))
+        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, *halo_planes(self), self.spatial_name)
         x, w, b = autocast_inputs(x, self.weight, self.bias)
         if halo_lo is not None:
             halo_lo = halo_lo.to(x.dtype)
@@ -120,17 +120,19 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
             raise Unsupported(f"layer '{self.spatial_name}': output_size is not supported "
                               "on depth slabs")
         lo, hi = halo_planes(self)
-        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, lo, hi)
+        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, lo, hi, self.spatial_name)
         # Zero planes past the volume's ends add nothing: the same sums as the whole volume.
         parts = [t for t in (_edge_zeros(x, halo_lo, lo), x, _edge_zeros(x, halo_hi, hi))
                  if t is not None]
         s, (p, p_h, p_w) = self.stride[0], _ints(self.padding)
-        y = F.conv_transpose3d(torch.cat(parts, dim=2), self.weight, self.bias, self.stride,
-                               (0, p_h, p_w),
-                               (0, self.output_padding[1], self.output_padding[2]),
+        ext = torch.cat(parts, dim=2)
+        start, count = s * lo + p, s * x.shape[2]
+        # Output planes past the last input's window (output_padding) hold only the bias.
+        short = max(0, start + count - ((ext.shape[2] - 1) * s + self.kernel_size[0]))
+        y = F.conv_transpose3d(ext, self.weight, self.bias, self.stride, (0, p_h, p_w),
+                               (short, self.output_padding[1], self.output_padding[2]),
                                self.groups, self.dilation)
-        start = s * lo + p
-        return y[:, :, start:start + s * x.shape[2]]
+        return y[:, :, start:start + count]
 
 
 class SpatialUpsample(SpatialModule, nn.Upsample):
@@ -161,7 +163,7 @@ class SpatialUpsample(SpatialModule, nn.Upsample):
         scale = int(_depth_scale(self))
         depths = slab_depths(x.shape[2], self.mesh, x.device)
         start, total = sum(depths[:self.mesh.tp_rank]), sum(depths)
-        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, *halo_planes(self))
+        x, halo_lo, halo_hi = halo_exchange(x, self.mesh, *halo_planes(self), self.spatial_name)
         ext = torch.cat([t for t in (halo_lo, x, halo_hi) if t is not None], dim=2)
         first = start - (1 if halo_lo is not None else 0)  # global plane of ext[:, :, 0]
         i0, i1, w1 = _linear_sources(scale * start, scale * x.shape[2], total, scale,
@@ -211,6 +213,8 @@ class SpatialPool3d(SpatialModule):
         s = _first(module.stride if module.stride is not None else module.kernel_size)
         p = _first(module.padding)
         dilation = _first(getattr(module, "dilation", 1))
+        if getattr(module, "return_indices", False):
+            raise Unsupported("return_indices=True: the indices would be local to a slab")
         if k != s or p != 0 or dilation != 1 or module.ceil_mode:
             raise Unsupported(f"pooling kernel {k}, stride {s}, padding {p}, dilation "
                               f"{dilation}, ceil_mode {module.ceil_mode}: only windows that "

@@ -14,14 +14,19 @@ from fedmri.client.spatial.layers import SpatialModule, Unsupported
 
 def _normalize(x: torch.Tensor, groups: int, eps: float,
                group: dist.ProcessGroup | None) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) per sample and channel group, statistics over `group`."""
+    """(x - mean) / sqrt(var + eps) per sample and channel group, statistics over `group`.
+    Half-precision inputs (autocast) are normalised in float32, as torch's autocast does."""
     n = x.shape[0]
-    flat = x.reshape(n, groups, -1)
+    flat = _float32_or_wider(x).reshape(n, groups, -1)
     count = plain_sum(flat.new_tensor(float(flat.shape[2]), dtype=torch.float64), group).item()
     mean = shared_sum(flat.sum(-1), group) / count
     centred = flat - mean.unsqueeze(-1)
     var = shared_sum(centred.square().sum(-1), group) / count
     return (centred * torch.rsqrt(var + eps).unsqueeze(-1)).reshape(x.shape)
+
+
+def _float32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _affine(y: torch.Tensor, weight: torch.Tensor | None,
@@ -72,7 +77,7 @@ class SpatialBatchNorm3d(SpatialModule, nn.BatchNorm3d):
             return nn.BatchNorm3d.forward(self, x)
         group = self.mesh.world_group
         c = x.shape[1]
-        flat = x.transpose(0, 1).reshape(c, -1)
+        flat = _float32_or_wider(x).transpose(0, 1).reshape(c, -1)
         count = plain_sum(flat.new_tensor(float(flat.shape[1]), dtype=torch.float64), group).item()
         mean = shared_sum(flat.sum(-1), group) / count
         centred = flat - mean.unsqueeze(-1)

@@ -28,11 +28,11 @@ class StridedLayer:
     depth_in: int  # the layer's input depth when the network's input has `depth`
 
     def alignment(self, depth: int) -> int:
-        factor = Fraction(depth, self.depth_in)
-        if factor.denominator != 1:
-            raise SlabError(f"layer '{self.name}' sees depth {self.depth_in} of an input of "
-                            f"{depth}: not a whole downsampling factor; cannot align slabs")
-        return int(factor) * self.stride
+        """The smallest b such that an input boundary at a multiple of b falls on a whole
+        plane, and a multiple of the stride, at this layer's depth (b x depth_in / depth)."""
+        scale = Fraction(self.depth_in, depth)
+        s_q = self.stride * scale.denominator
+        return s_q // math.gcd(s_q, scale.numerator)
 
 
 def depth_stride(module: nn.Module) -> int:
@@ -60,7 +60,7 @@ def layer_inputs(model: nn.Module, shape: tuple[int, ...],
     compute). Layers of the copy are whole-volume torch layers."""
     from fedmri.client.spatial.convert import local_copy
 
-    probe = local_copy(model).to("meta")
+    probe = local_copy(model).to("meta").eval()  # eval: no running-statistics updates
     x = torch.empty(shape, device="meta")
     found: list[LayerInput] = []
     hooks = []
@@ -106,20 +106,35 @@ def plan_slabs(model: nn.Module, depth: int, parts: int,
     """The depth slabs [start, stop) of `parts` tensor-parallel ranks for `model`.
 
     `shape` is (C, D, H, W) of one input (default: one channel, a cube of `depth`). A
-    SlabError names the layer whose stride the split cannot meet."""
+    SlabError names the layer whose stride or halo the split cannot meet."""
+    from fedmri.client.spatial.layers import halo_planes
+
     c, d, h, w = shape if shape is not None else (1, depth, depth, depth)
     layers = strided_layers(model, (1, c, d, h, w))
     align = 1
     for layer in layers:
         align = math.lcm(align, layer.alignment(depth))
     try:
-        return split_depth(depth, parts, align)
+        slabs = split_depth(depth, parts, align)
     except SlabError as err:
         worst = max(layers, key=lambda layer: layer.alignment(depth))
         raise SlabError(
             f"cannot split depth {depth} over {parts} ranks: layer '{worst.name}' has stride "
             f"{worst.stride} at depth {worst.depth_in} of {depth}, so slab boundaries must fall "
             f"on multiples of {align} planes ({err})") from None
+    if parts > 1:
+        # Each layer's slab holds what the same layer holds when the slab is the whole input
+        # (traced wide in-plane: a thin slab may be fewer voxels than a norm accepts).
+        for size in sorted({stop - start for start, stop in slabs}):
+            for call in layer_inputs(model, (1, c, size, max(h, 256), max(w, 256)),
+                                     lambda m: max(halo_planes(m)) > 0):
+                needed, planes = max(halo_planes(call.module)), int(call.shape[2])
+                if planes < needed:
+                    raise SlabError(
+                        f"cannot split depth {depth} over {parts} ranks: layer '{call.name}' "
+                        f"needs {needed} halo planes from its neighbours but a slab of {size} "
+                        f"planes has only {planes} there; use fewer ranks or a larger volume")
+    return slabs
 
 
 __all__ = ["SlabError", "layer_inputs", "plan_slabs", "split_depth", "strided_layers"]

@@ -11,6 +11,7 @@ from fedmri.client.dataset import Case
 from fedmri.client.spatial.comm import plain_sum, sum_gradients
 from fedmri.client.spatial.loss import dice_ce_loss, dice_counts, dice_from_counts
 from fedmri.client.spatial.mesh import SpatialMesh
+from fedmri.client.spatial.norms import SpatialBatchNorm3d
 from fedmri.client.trainer import EvalResult, autocast
 from fedmri.common.config import RunConfig
 
@@ -23,6 +24,14 @@ class SlabObjective:
         self.mesh, self.num_classes, self.volume_voxels = mesh, num_classes, volume_voxels
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.mesh.dp_size and model.training and any(
+                isinstance(m, SpatialBatchNorm3d) for m in model.modules()):
+            # Batch norm reduces over every replica inside the forward, which an empty
+            # replica does not run: all ranks see the same batch size and stop together.
+            raise ValueError(f"a batch of {x.shape[0]} over {self.mesh.dp_size} data-parallel "
+                             "replicas leaves one without a sample, and the network has batch "
+                             "norm: use a batch size and a number of training cases that are "
+                             "multiples of dp")
         mine = slice(self.mesh.dp_rank, None, self.mesh.dp_size)
         xs, ys = x[mine], y[mine]
         logits = model(xs) if len(xs) else None

@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import threading
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 from fedmri.client.spatial.launch import ERROR_FILE, READY_FILE
 
+MAX_ERROR_CHARS = 4000
+
+
+def _exit_with_parent() -> None:
+    """A rank whose launcher is gone (killed) stops too, instead of waiting on its peers."""
+    parent = os.getppid()
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _describe(err: BaseException) -> str:
+    """The error and where it happened (last frames), short enough for a log line."""
+    text = "".join(traceback.format_exception_only(type(err), err)).strip()
+    frames = traceback.extract_tb(err.__traceback__)[-3:]
+    where = "; ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in frames)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + f"... ({len(text)} characters)"
+    return f"{text} (at {where})" if where else text
+
 
 def main(argv: list[str]) -> int:
     job_dir, rank, dp, tp, target = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), \
         argv[4]
     threads, timeout_s = int(argv[5]), float(argv[6])
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     try:
         import torch
         import torch.distributed as dist
@@ -40,8 +65,7 @@ def main(argv: list[str]) -> int:
             dist.destroy_process_group()
         return 0
     except BaseException as err:  # the launcher reads this file to name the failure
-        detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-        (job_dir / ERROR_FILE.format(rank)).write_text(detail + "\n")
+        (job_dir / ERROR_FILE.format(rank)).write_text(_describe(err) + "\n")
         traceback.print_exc()
         return 1
 
