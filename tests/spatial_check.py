@@ -55,7 +55,8 @@ def assert_same_model(got: dict[str, torch.Tensor], want: torch.nn.Module, cfg: 
 
 def mixed_network() -> torch.nn.Module:
     """Layers the trainer's networks do not use: transposed convolutions that add output
-    planes by output_padding alone, a strided conv and pooling at upsampled depths,
+    planes by output_padding alone or take halo planes from below (k 4), a strided conv and
+    pooling at upsampled depths,
     trilinear upsampling with aligned corners, group and batch norm (running statistics)."""
     nn = torch.nn
     return nn.Sequential(
@@ -63,7 +64,8 @@ def mixed_network() -> torch.nn.Module:
         nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv3d(4, 4, 3, stride=2, padding=1),
         nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True), nn.BatchNorm3d(4),
         nn.ConvTranspose3d(4, 4, 3, stride=2, padding=1, output_padding=1), nn.AvgPool3d(2),
-        nn.MaxPool3d(2), nn.PReLU(), nn.Conv3d(4, 3, 1))
+        nn.MaxPool3d(2), nn.PReLU(), nn.ConvTranspose3d(4, 4, 4, stride=2, padding=1),
+        nn.AvgPool3d(2), nn.Conv3d(4, 3, 1))
 
 
 def check(name: str, depth: int, hw: int, batch: int, mesh: SpatialMesh,

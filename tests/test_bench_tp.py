@@ -13,8 +13,8 @@ from fedmri.deploy.bench.tp import halo_cost
 
 def test_bench_tp_prints_the_comparison_and_its_halo_bytes_match_the_cost_model() -> None:
     done = subprocess.run([sys.executable, "-m", "fedmri.common.cli", "bench", "tp", "--sizes",
-                           "32", "--steps", "1", "--json"], capture_output=True, text=True,
-                          timeout=300)
+                           "32", "--steps", "1", "--repeats", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     for key in ("p1", "p2", "speedup", "memory_ratio", "halo_bytes_per_step", "setup_seconds"):
@@ -25,6 +25,7 @@ def test_bench_tp_prints_the_comparison_and_its_halo_bytes_match_the_cost_model(
     assert report["p1"]["halo_bytes_per_step"] == 0
     assert report["halo_bytes_per_step"] == report["halo_bytes_model"] > 0
     assert report["speedup"] == report["p1"]["step_seconds"] / report["p2"]["step_seconds"]
+    assert report["sizes"][0]["speedup_pairs"] == [report["speedup"]]  # one repeat: one pair
     assert report["on_paper"]["gpus"] == 8 and 0 < report["on_paper"]["halo_share"] < 1
 
 

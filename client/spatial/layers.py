@@ -57,14 +57,6 @@ def halo_planes(module: nn.Module) -> tuple[int, int]:
     return 0, 0
 
 
-def _edge_zeros(x: torch.Tensor, halo: torch.Tensor | None, planes: int) -> torch.Tensor | None:
-    if halo is not None or planes == 0:
-        return halo
-    shape = list(x.shape)
-    shape[2] = planes
-    return x.new_zeros(shape)
-
-
 class SpatialConv3d(SpatialModule, nn.Conv3d):
     """'Same' 3D convolution on fedmri.kernels.conv3d with the neighbours' k//2 planes."""
 
@@ -121,18 +113,25 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
                               "on depth slabs")
         lo, hi = halo_planes(self)
         x, halo_lo, halo_hi = halo_exchange(x, self.mesh, lo, hi, self.spatial_name)
-        # Zero planes past the volume's ends add nothing: the same sums as the whole volume.
-        parts = [t for t in (_edge_zeros(x, halo_lo, lo), x, _edge_zeros(x, halo_hi, hi))
-                 if t is not None]
-        s, (p, p_h, p_w) = self.stride[0], _ints(self.padding)
-        ext = torch.cat(parts, dim=2)
-        start, count = s * lo + p, s * x.shape[2]
-        # Output planes past the last input's window (output_padding) hold only the bias.
-        short = max(0, start + count - ((ext.shape[2] - 1) * s + self.kernel_size[0]))
-        y = F.conv_transpose3d(ext, self.weight, self.bias, self.stride, (0, p_h, p_w),
-                               (short, self.output_padding[1], self.output_padding[2]),
-                               self.groups, self.dilation)
-        return y[:, :, start:start + count]
+        # The slab's own s*d output planes, from its own planes (this layer's padding keeps
+        # the output depth at s x the input's) ...
+        y = nn.ConvTranspose3d.forward(self, x)
+        # ... plus what the halo planes' kernel windows add to the planes at either end. No
+        # concatenated copy of the slab: it is saved for backward once, as on one process.
+        s, p, k, depth = self.stride[0], _ints(self.padding)[0], self.kernel_size[0], y.shape[2]
+        if halo_hi is not None and p > 0:
+            y[:, :, depth - p:] += self._halo_part(halo_hi)[:, :, :p]
+        reach = k - s - p  # output planes the planes below reach into
+        if halo_lo is not None and reach > 0:
+            first = s * lo + p
+            y[:, :, :reach] += self._halo_part(halo_lo)[:, :, first:first + reach]
+        return y
+
+    def _halo_part(self, halo: torch.Tensor) -> torch.Tensor:
+        """The halo planes' transposed convolution, unpadded in depth, without bias."""
+        return F.conv_transpose3d(halo, self.weight, None, self.stride,
+                                  (0, *_ints(self.padding)[1:]),
+                                  (0, *self.output_padding[1:]), self.groups, self.dilation)
 
 
 class SpatialUpsample(SpatialModule, nn.Upsample):

@@ -1,28 +1,71 @@
 """Normalisations whose statistics span the whole volume (instance, group) or the whole batch
-(batch norm): local sums, reduced over the mesh, then applied to each slab. Mean first, then
-the centred sum of squares (two reductions: as accurate as torch's own)."""
+(batch norm): each rank's count, mean and centred sum of squares, combined over the mesh in
+one reduction (Chan's parallel formula: as accurate as a two-pass variance), then applied to
+each slab."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fedmri.client.spatial.comm import plain_sum, shared_sum
 from fedmri.client.spatial.layers import SpatialModule, Unsupported
+from fedmri.client.spatial.mesh import SpatialMesh
 
 
-def _normalize(x: torch.Tensor, groups: int, eps: float,
-               group: dist.ProcessGroup | None) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) per sample and channel group, statistics over `group`.
-    Half-precision inputs (autocast) are normalised in float32, as torch's autocast does."""
-    n = x.shape[0]
-    flat = _float32_or_wider(x).reshape(n, groups, -1)
-    count = plain_sum(flat.new_tensor(float(flat.shape[2]), dtype=torch.float64), group).item()
-    mean = shared_sum(flat.sum(-1), group) / count
-    centred = flat - mean.unsqueeze(-1)
-    var = shared_sum(centred.square().sum(-1), group) / count
-    return (centred * torch.rsqrt(var + eps).unsqueeze(-1)).reshape(x.shape)
+def group_moments(flat: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
+                  size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mean, biased variance and count over the last dimension of `flat` and over the ranks
+    of `group` (this rank is `rank` of `size`), with one all-reduce; no gradient."""
+    count = flat.shape[-1]
+    mean = flat.mean(-1)
+    m2 = (flat - mean.unsqueeze(-1)).square().sum(-1)
+    if group is None:
+        return mean, m2 / count, float(count)
+    # Every rank's (count, mean, M2) side by side, gathered by summing zero-padded rows.
+    rows = flat.new_zeros((size, 1 + 2 * mean.numel()))
+    rows[rank] = torch.cat([mean.new_tensor([float(count)]), mean.reshape(-1), m2.reshape(-1)])
+    dist.all_reduce(rows, group=group)
+    counts, means = rows[:, :1], rows[:, 1:1 + mean.numel()]
+    total = counts.sum()
+    mean_all = (counts * means).sum(0) / total
+    m2_all = rows[:, 1 + mean.numel():].sum(0) + (counts * (means - mean_all).square()).sum(0)
+    return mean_all.view_as(mean), (m2_all / total).view_as(mean), float(total)
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """(x - mean) / sqrt(var + eps) over the last dimension and the ranks of a group, with
+    the analytic backward: it keeps only the normalised slab (one tensor of the slab's size,
+    as torch's own norms do) and needs one all-reduce of two sums per row."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, eps: float, group: dist.ProcessGroup,
+                rank: int, size: int) -> torch.Tensor:
+        mean, var, count = group_moments(flat, group, rank, size)
+        rstd = torch.rsqrt(var + eps).unsqueeze(-1)
+        normalized = (flat - mean.unsqueeze(-1)) * rstd
+        ctx.save_for_backward(normalized, rstd)
+        ctx.group, ctx.count = group, count
+        return normalized
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        normalized, rstd = ctx.saved_tensors
+        sums = torch.stack([grad.sum(-1), (grad * normalized).sum(-1)])
+        dist.all_reduce(sums, group=ctx.group)
+        mean_grad = (sums[0] / ctx.count).unsqueeze(-1)
+        mean_proj = (sums[1] / ctx.count).unsqueeze(-1)
+        return rstd * (grad - mean_grad - normalized * mean_proj), None, None, None, None
+
+
+def _normalize(x: torch.Tensor, groups: int, eps: float, mesh: SpatialMesh) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) per sample and channel group, statistics over the tp
+    group. Half-precision inputs (autocast) are normalised in float32, as autocast does."""
+    flat = _float32_or_wider(x).reshape(x.shape[0], groups, -1)
+    y = _SyncNormalize.apply(flat, eps, mesh.tp_group, mesh.tp_rank, mesh.tp_size)
+    return y.reshape(x.shape)
 
 
 def _float32_or_wider(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +94,7 @@ class SpatialInstanceNorm3d(SpatialModule, nn.InstanceNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mesh.tp_size == 1:
             return nn.InstanceNorm3d.forward(self, x)
-        y = _normalize(x.contiguous(), x.shape[1], self.eps, self.mesh.tp_group)
+        y = _normalize(x.contiguous(), x.shape[1], self.eps, self.mesh)
         return _affine(y, self.weight, self.bias)
 
 
@@ -61,7 +104,7 @@ class SpatialGroupNorm(SpatialModule, nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mesh.tp_size == 1:
             return nn.GroupNorm.forward(self, x)
-        y = _normalize(x.contiguous(), self.num_groups, self.eps, self.mesh.tp_group)
+        y = _normalize(x.contiguous(), self.num_groups, self.eps, self.mesh)
         return _affine(y, self.weight, self.bias)
 
 
@@ -75,16 +118,15 @@ class SpatialBatchNorm3d(SpatialModule, nn.BatchNorm3d):
         use_batch = self.training or not self.track_running_stats
         if self.mesh.world_group is None or not use_batch:
             return nn.BatchNorm3d.forward(self, x)
-        group = self.mesh.world_group
-        c = x.shape[1]
+        mesh, c = self.mesh, x.shape[1]
         flat = _float32_or_wider(x).transpose(0, 1).reshape(c, -1)
-        count = plain_sum(flat.new_tensor(float(flat.shape[1]), dtype=torch.float64), group).item()
-        mean = shared_sum(flat.sum(-1), group) / count
-        centred = flat - mean.unsqueeze(-1)
-        var = shared_sum(centred.square().sum(-1), group) / count
+        rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
         if self.training and self.track_running_stats:
-            self._update_running(mean.detach(), var.detach(), count)
-        y = (centred * torch.rsqrt(var + self.eps).unsqueeze(-1))
+            # The statistics the normalisation takes (one more reduction, in training only).
+            with torch.no_grad():
+                mean, var, count = group_moments(flat, mesh.world_group, rank, mesh.world_size)
+            self._update_running(mean, var, count)
+        y = _SyncNormalize.apply(flat, self.eps, mesh.world_group, rank, mesh.world_size)
         y = y.reshape(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
         return _affine(y, self.weight, self.bias)
 

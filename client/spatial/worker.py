@@ -35,6 +35,14 @@ def _describe(err: BaseException) -> str:
     return f"{text} (at {where})" if where else text
 
 
+def _pin(rank: int, threads: int, world: int) -> None:
+    """Each rank on cores of its own when they suffice: ranks step in lockstep, so one
+    rank losing its core to another stalls them all."""
+    cores = sorted(os.sched_getaffinity(0))
+    if world > 1 and world * threads <= len(cores):
+        os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
+
+
 def main(argv: list[str]) -> int:
     job_dir, rank, dp, tp, target = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), \
         argv[4]
@@ -48,6 +56,7 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(max(threads, 1))
         world = dp * tp
+        _pin(rank, max(threads, 1), world)
         gpus = gpu_per_rank(world)
         if gpus:
             torch.cuda.set_device(rank)

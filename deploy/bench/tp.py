@@ -111,7 +111,10 @@ def _rss_mb() -> float:
 
 
 def rank_step(mesh: SpatialMesh, job_dir: Path) -> None:
-    """Time training steps of the split network on this rank; write what it measured."""
+    """Time training steps of the split network on this rank; write what it measured: the
+    median step, the activations (tensors autograd saves for backward, counted once per
+    storage, parameters left out) and the growth of the process's peak resident memory
+    over the steps (activations, gradients, kernel workspaces, allocator slack)."""
     from fedmri.client.spatial import parallelize, plan_slabs
     from fedmri.client.spatial.comm import HaloTraffic
     from fedmri.client.spatial.training import SlabObjective
@@ -156,11 +159,12 @@ def rank_step(mesh: SpatialMesh, job_dir: Path) -> None:
         began = time.perf_counter()
         step()
         times.append(time.perf_counter() - began)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb
     rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
+    # Activations peak at the end of the forward pass: what autograd saved for backward.
     (job_dir / f"rank{rank}.json").write_text(json.dumps({
-        "step_seconds": sorted(times)[len(times) // 2], "peak_mb": peak_mb,
-        "saved_mb": sum(saved.values()) / 2 ** 20,
+        "step_seconds": sorted(times)[len(times) // 2],
+        "peak_mb": sum(saved.values()) / 2 ** 20, "rss_peak_mb": rss_mb,
         "halo_bytes_per_step": HaloTraffic.bytes_sent / steps, "slab": [start, stop]}))
 
 
@@ -176,19 +180,33 @@ def measure(model: str, size: int, parts: int, steps: int) -> dict[str, Any]:
         shutil.rmtree(job_dir, ignore_errors=True)
     return {"step_seconds": max(r["step_seconds"] for r in ranks),
             "peak_mb": max(r["peak_mb"] for r in ranks),
-            "saved_mb": max(r["saved_mb"] for r in ranks),
+            "rss_peak_mb": max(r["rss_peak_mb"] for r in ranks),
             "halo_bytes_per_step": sum(r["halo_bytes_per_step"] for r in ranks),
             "setup_seconds": setup_s, "slabs": [r["slab"] for r in ranks]}
 
 
-def compare(model: str, size: int, steps: int) -> dict[str, Any]:
-    p1 = measure(model, size, 1, steps)
-    p2 = measure(model, size, 2, steps)
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median step time (its own memory and set-up figures with it)."""
+    return sorted(runs, key=lambda run: run["step_seconds"])[len(runs) // 2]
+
+
+def compare(model: str, size: int, steps: int, repeats: int) -> dict[str, Any]:
+    # P = 1 and P = 2 alternate, so that a slow spell of the machine hits both alike.
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for parts in (1, 2):
+            runs[parts].append(measure(model, size, parts, steps))
+    p1, p2 = _median_run(runs[1]), _median_run(runs[2])
+    # Each P = 2 run against the P = 1 run just before it: the machine's speed drifts.
+    pairs = sorted(a["step_seconds"] / b["step_seconds"] for a, b in zip(runs[1], runs[2],
+                                                                          strict=True))
     cost = halo_cost(build_model(RunConfig(model=model, size=size)), size, 2)
-    return {"size": size, "p1": p1, "p2": p2,
-            "speedup": p1["step_seconds"] / p2["step_seconds"],
+    return {"size": size, "p1": p1, "p2": p2, "repeats": repeats,
+            "step_seconds_all": {f"p{p}": [r["step_seconds"] for r in runs[p]] for p in runs},
+            "speedup_pairs": pairs,
+            "speedup": pairs[len(pairs) // 2],
             "memory_ratio": p2["peak_mb"] / p1["peak_mb"],
-            "saved_ratio": p2["saved_mb"] / p1["saved_mb"],
+            "rss_ratio": p2["rss_peak_mb"] / p1["rss_peak_mb"],
             "halo_bytes_per_step": p2["halo_bytes_per_step"],
             "halo_bytes_model": cost["bytes_per_step"],
             "setup_seconds": p2["setup_seconds"]}
@@ -200,21 +218,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 160],
                         help="volume edges; the first is the headline (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating P=1 / P=2 runs; the median run is reported")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     runs = []
     for size in args.sizes:
-        run = compare(args.model, size, args.steps)
+        run = compare(args.model, size, args.steps, args.repeats)
         runs.append(run)
         print(f"bench tp {args.model} {size}^3: step P=1 {run['p1']['step_seconds']:.2f} s, "
-              f"P=2 {run['p2']['step_seconds']:.2f} s (x{run['speedup']:.2f}); peak per rank "
-              f"{run['p1']['peak_mb']:.0f} -> {run['p2']['peak_mb']:.0f} MB "
-              f"(x{run['memory_ratio']:.2f}); halo {run['halo_bytes_per_step'] / 1e6:.1f} MB "
+              f"P=2 {run['p2']['step_seconds']:.2f} s (x{run['speedup']:.2f}); activations per "
+              f"rank {run['p1']['peak_mb']:.0f} -> {run['p2']['peak_mb']:.0f} MB "
+              f"(x{run['memory_ratio']:.2f}, process peak x{run['rss_ratio']:.2f}); halo "
+              f"{run['halo_bytes_per_step'] / 1e6:.1f} MB "
               f"(model {run['halo_bytes_model'] / 1e6:.1f}); set-up "
               f"{run['setup_seconds']:.1f} s", file=sys.stderr, flush=True)
     head = runs[0]
     network = build_model(RunConfig(model=args.model, size=head["size"]))
-    per_voxel = head["p1"]["saved_mb"] * 2 ** 20 / head["size"] ** 3
+    per_voxel = head["p1"]["peak_mb"] * 2 ** 20 / head["size"] ** 3
     report = {**{k: head[k] for k in ("p1", "p2", "speedup", "memory_ratio",
                                       "halo_bytes_per_step", "setup_seconds")},
               "model": args.model, "size": head["size"], "threads_per_rank": 1,
