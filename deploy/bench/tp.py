@@ -31,10 +31,15 @@ TARGET = "fedmri.deploy.bench.tp:rank_step"
 BYTES = 4  # float32 activations on the CPU
 # Assumptions of the paper estimate (docs/spatial-parallelism.md):
 NVLINK_BYTES_S = 450e9  # H100/H200 NVLink 4, per GPU and direction
+HBM_BYTES_S = 3.35e12  # H100 SXM memory bandwidth (the H200 has 4.8e12)
 MESSAGE_S = 20e-6  # one NCCL point-to-point exchange, latency
-# bf16 TFLOP/s of our CUDA kernels on an H200, 32->32 channels at 128^3 (docs/kernels.md,
-# measured at 400b4e2): forward, input gradient, weight gradient.
+# bf16 TFLOP/s of our CUDA kernels on an H200 (docs/kernels.md, measured at 400b4e2):
+# forward, input gradient, weight gradient; 32->32 channels at 128^3, and the 1->32 layer.
 GPU_TFLOPS = {"forward": 135.1, "input_grad": 133.6, "weight_grad": 40.8}
+GPU_TFLOPS_FIRST = {"forward": 10.0, "input_grad": 1.9, "weight_grad": 3.3}
+# Element-wise passes per convolution output in a step: norm and activation, forward
+# (read + write each) and backward (twice that).
+ELEMENTWISE_PASSES = 12
 GPU_BYTES = 80e9 * 0.9  # an 80 GB GPU, 10% kept for the CUDA context and the allocator
 
 
@@ -67,23 +72,30 @@ def halo_cost(model: nn.Module, size: int, parts: int, batch: int = 1,
     return {"bytes_per_step": total, "interior_rank_messages": messages, "layers": layers}
 
 
-def conv_flops(model: nn.Module, size: int, batch: int = 1) -> float:
-    """Multiply-adds x 2 of one forward pass of every convolution (transposed too)."""
-    flops = 0.0
+def gpu_step_seconds(model: nn.Module, size: int, bytes_per: int = 2) -> float:
+    """One training step of `model` at size^3 on one GPU, on paper: per convolution the
+    slower of its FLOPs at our kernels' measured speed and its activation traffic at HBM
+    bandwidth (forward, input and weight gradient), plus the element-wise passes."""
+    total = 0.0
     for call in _split_layers(model, size):
         module, shape = call.module, call.shape
-        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-            k = math.prod(module.kernel_size)
-            c_in, c_out = module.in_channels, module.out_channels
-            stride = module.stride[0]
-            voxels = math.prod(shape[2:])
-            # A strided conv makes 1/s^3 as many outputs; a transposed one s^3 as many.
-            out = voxels / stride ** 3 if isinstance(module, nn.Conv3d) else voxels
-            flops += 2.0 * batch * c_in * c_out * k * out
-    return flops
+        if not isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            continue
+        c_in, c_out, stride = module.in_channels, module.out_channels, module.stride[0]
+        voxels = math.prod(shape[2:])
+        out = voxels / stride ** 3 if isinstance(module, nn.Conv3d) else voxels * stride ** 3
+        flops = 2.0 * c_in * c_out * math.prod(module.kernel_size) * (
+            out if isinstance(module, nn.Conv3d) else voxels)
+        rates = GPU_TFLOPS_FIRST if c_in < 8 else GPU_TFLOPS
+        traffic = (c_in * voxels + c_out * out) * bytes_per
+        for rate in rates.values():
+            total += max(flops / (rate * 1e12), traffic / HBM_BYTES_S)
+        total += ELEMENTWISE_PASSES * c_out * out * bytes_per / HBM_BYTES_S
+    return total
 
 
-def on_paper(model: nn.Module, saved_bytes_per_voxel: float) -> dict[str, Any]:
+def on_paper(model: nn.Module, activation_bytes_per_voxel: float,
+             process_bytes_per_voxel: float) -> dict[str, Any]:
     """8 GPUs of one NVLink node at 256^3 and the largest volume per P in 80 GB."""
     size, parts = 256, 8
     cost = halo_cost(model, size, parts, bytes_per=2)  # bf16 activations on GPUs
@@ -91,13 +103,13 @@ def on_paper(model: nn.Module, saved_bytes_per_voxel: float) -> dict[str, Any]:
     # as much at the same time (NVLink is full duplex).
     rank_bytes = cost["bytes_per_step"] / (parts - 1)
     halo_s = rank_bytes / NVLINK_BYTES_S + cost["interior_rank_messages"] * MESSAGE_S
-    flops = conv_flops(model, size)
-    compute_s = sum(flops / (tflops * 1e12) for tflops in GPU_TFLOPS.values()) / parts
-    largest = {}
-    for p in (1, 2, 4, 8):
-        # float32 activations as measured on the CPU (bf16 autocast would halve most).
-        edge = (GPU_BYTES * p / saved_bytes_per_voxel) ** (1 / 3)
-        largest[f"p{p}"] = int(edge // 16 * 16)
+    compute_s = gpu_step_seconds(model, size) / parts
+    largest: dict[str, dict[str, int]] = {}
+    for name, per_voxel in (("activations", activation_bytes_per_voxel),
+                            ("process_peak", process_bytes_per_voxel)):
+        # float32 bytes per voxel as measured on the CPU (bf16 autocast would halve most).
+        largest[name] = {f"p{p}": int((GPU_BYTES * p / per_voxel) ** (1 / 3) // 16 * 16)
+                         for p in (1, 2, 4, 8)}
     return {"volume": f"{size}^3", "gpus": parts, "halo_bytes_per_rank": rank_bytes,
             "halo_seconds": halo_s, "compute_seconds": compute_s,
             "halo_share": halo_s / (halo_s + compute_s),
@@ -235,12 +247,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['setup_seconds']:.1f} s", file=sys.stderr, flush=True)
     head = runs[0]
     network = build_model(RunConfig(model=args.model, size=head["size"]))
-    per_voxel = head["p1"]["peak_mb"] * 2 ** 20 / head["size"] ** 3
+    voxels = head["size"] ** 3
+    per_voxel = (head["p1"]["peak_mb"] * 2 ** 20 / voxels,
+                 head["p1"]["rss_peak_mb"] * 2 ** 20 / voxels)
     report = {**{k: head[k] for k in ("p1", "p2", "speedup", "memory_ratio",
                                       "halo_bytes_per_step", "setup_seconds")},
               "model": args.model, "size": head["size"], "threads_per_rank": 1,
               "halo_bytes_model": head["halo_bytes_model"], "sizes": runs,
-              "on_paper": on_paper(network, per_voxel), "torch": torch.__version__}
+              "on_paper": on_paper(network, *per_voxel), "torch": torch.__version__}
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
