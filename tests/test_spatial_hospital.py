@@ -65,6 +65,14 @@ def _mesh_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("fedmri-mesh-*"))
 
 
+def _is_rank(proc: psutil.Process) -> bool:
+    """A worker rank (other tests' children may linger here as zombies)."""
+    try:
+        return "fedmri.client.spatial.worker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def test_a_rank_killed_mid_training_is_named_and_nothing_hangs(hospital: Path) -> None:
     before = _mesh_dirs()
     errors: list[BaseException] = []
@@ -83,8 +91,7 @@ def test_a_rank_killed_mid_training_is_named_and_nothing_hangs(hospital: Path) -
     deadline = time.monotonic() + 120
     ranks: list[psutil.Process] = []
     while time.monotonic() < deadline and len(ranks) < 3:
-        ranks = [p for p in me.children() if "fedmri.client.spatial.worker" in " ".join(
-            p.cmdline())]
+        ranks = [p for p in me.children() if _is_rank(p)]
         time.sleep(0.2)
     assert len(ranks) == 3
     time.sleep(8)  # well into training (imports, group, data, first steps)
