@@ -3,8 +3,7 @@
 Conventions (each rank runs backward from the same replicated loss):
 - `halo_exchange`: the planes a layer needs from its neighbours; backward sends their
   gradients back to the owners, who add them to their boundary planes.
-- `shared_sum`: a sum over the group that feeds back into each rank's own slab (normalisation
-  statistics): all-reduce forward, all-reduce backward.
+- normalisation statistics (norms.py): their own Function, one all-reduce each way.
 - `replica_sum`: a sum over the group that only replicated code consumes (the loss): all-reduce
   forward, identity backward (every rank already holds the whole gradient).
 """
@@ -48,7 +47,7 @@ class _HaloExchange(torch.autograd.Function):
                 hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Each rank asks for `lo` planes from below and `hi` from above, so it sends its
         # bottom `hi` planes down and its top `lo` planes up.
-        ctx.mesh, ctx.lo, ctx.hi, ctx.x_shape = mesh, lo, hi, x.shape
+        ctx.mesh, ctx.lo, ctx.hi = mesh, lo, hi
         below, above = mesh.below, mesh.above
         halo_lo = _planes(x, lo if below is not None else 0)
         halo_hi = _planes(x, hi if above is not None else 0)
@@ -105,21 +104,6 @@ def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: s
     return x, (halo_lo if halo_lo.shape[2] else None), (halo_hi if halo_hi.shape[2] else None)
 
 
-class _SharedSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class _ReplicaSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -130,11 +114,6 @@ class _ReplicaSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return grad, None
-
-
-def shared_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum over `group` of a partial result that every rank then uses on its own slab."""
-    return x if group is None else _SharedSum.apply(x.contiguous(), group)
 
 
 def replica_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

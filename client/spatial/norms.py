@@ -42,8 +42,10 @@ class _SyncNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, eps: float, group: dist.ProcessGroup,
-                rank: int, size: int) -> torch.Tensor:
+                rank: int, size: int, stats: list[Any] | None = None) -> torch.Tensor:
         mean, var, count = group_moments(flat, group, rank, size)
+        if stats is not None:  # batch norm's running statistics take the same ones
+            stats.extend((mean, var, count))
         rstd = torch.rsqrt(var + eps).unsqueeze(-1)
         normalized = (flat - mean.unsqueeze(-1)) * rstd
         ctx.save_for_backward(normalized, rstd)
@@ -57,7 +59,7 @@ class _SyncNormalize(torch.autograd.Function):
         dist.all_reduce(sums, group=ctx.group)
         mean_grad = (sums[0] / ctx.count).unsqueeze(-1)
         mean_proj = (sums[1] / ctx.count).unsqueeze(-1)
-        return rstd * (grad - mean_grad - normalized * mean_proj), None, None, None, None
+        return rstd * (grad - mean_grad - normalized * mean_proj), None, None, None, None, None
 
 
 def _normalize(x: torch.Tensor, groups: int, eps: float, mesh: SpatialMesh) -> torch.Tensor:
@@ -121,12 +123,10 @@ class SpatialBatchNorm3d(SpatialModule, nn.BatchNorm3d):
         mesh, c = self.mesh, x.shape[1]
         flat = _float32_or_wider(x).transpose(0, 1).reshape(c, -1)
         rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
+        stats: list[Any] = []
+        y = _SyncNormalize.apply(flat, self.eps, mesh.world_group, rank, mesh.world_size, stats)
         if self.training and self.track_running_stats:
-            # The statistics the normalisation takes (one more reduction, in training only).
-            with torch.no_grad():
-                mean, var, count = group_moments(flat, mesh.world_group, rank, mesh.world_size)
-            self._update_running(mean, var, count)
-        y = _SyncNormalize.apply(flat, self.eps, mesh.world_group, rank, mesh.world_size)
+            self._update_running(*stats)
         y = y.reshape(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
         return _affine(y, self.weight, self.bias)
 
