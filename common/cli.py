@@ -18,6 +18,9 @@ SUMMARIES = {
     "train": "baselines: --central (pooled data) or --local HOSPITAL",
     "evaluate": "Dice of a saved model on a hospital's data",
     "kernels": "the compiled 3D convolution: kernels build | kernels info [--json]",
+    "server": "the coordinator: server init|start|token|revoke|status|audit",
+    "run": "federated runs on the coordinator: run start|status|stop|fetch-model",
+    "client": "the hospital daemon: client init|check|start|status|members|accept",
     "bench": "benchmarks that print JSON against a baseline (bench NAME --help)",
 }
 

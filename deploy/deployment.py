@@ -13,28 +13,21 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import psutil
 
-from fedmri.deploy.processes import Supervisor, executable, flower_env, free_port, wait_for_port
+from fedmri.common.processes import Supervisor, executable, flower_env, free_port, wait_for_port
 from fedmri.proto.node_config import NodeConfig
-from fedmri.proto.typed_config import toml_value
+from fedmri.server.flower_app import FlowerApp, write_flower_app
 
 T = TypeVar("T")
 
 APP_PROCESSES = ("flwr-serverapp", "flwr-clientapp")
-
-
-@dataclass
-class FlowerApp:
-    serverapp: str  # "module:attribute" of an installed package
-    clientapp: str
-    run_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,36 +39,6 @@ class Deployment:
     timeout_s: float = 3600.0
     log_dir: Path | None = None  # default: workdir/logs
     app_exit_grace_s: float = 15.0  # for app processes still exiting after the outcome
-
-
-def write_flower_app(app_dir: Path, app: FlowerApp) -> None:
-    """A Flower App whose components come from the installed fedmri package."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    config_lines = "\n".join(f"{k} = {toml_value(v)}" for k, v in app.run_config.items())
-    (app_dir / "pyproject.toml").write_text(f"""\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedmri-app"
-version = "1.0.0"
-description = "fedmri federated MRI segmentation"
-license = "MIT"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedmri"
-
-[tool.flwr.app.components]
-serverapp = "{app.serverapp}"
-clientapp = "{app.clientapp}"
-
-[tool.flwr.app.config]
-{config_lines}
-""")
-    # The FAB needs one module; the components themselves come from the installed package.
-    (app_dir / "fedmri_app.py").write_text('"""fedmri Flower App (components in fedmri)."""\n')
 
 
 def write_flower_home(home: Path, port: int, ca_cert: Path | None) -> None:
@@ -96,7 +59,7 @@ def _tls_args(tls: bool, folder: Path) -> tuple[list[str], list[str], Path | Non
     """Command-line flags for the SuperLink and the SuperNodes, and the CA to trust."""
     if not tls:
         return ["--insecure"], ["--insecure"], None
-    from fedmri.deploy.tls import make_tls_files
+    from fedmri.common.tls import make_tls_files
 
     files = make_tls_files(folder)
     link = ["--ssl-certfile", str(files.server_cert), "--ssl-keyfile", str(files.server_key),

@@ -123,3 +123,21 @@ def toml_value(value: Scalar) -> str:
     if '"' in str(value):
         raise ConfigError(f"{value!r} holds a '\"', which Flower's config parser cannot carry")
     return json.dumps(str(value), ensure_ascii=False)
+
+
+def read_toml(cls: type[T], path: Path, missing_hint: str) -> T:
+    """A config class read from a flat TOML file; `missing_hint` says how to make one."""
+    import tomllib
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist; {missing_hint}")
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    return parse(cls, values, str(path))
+
+
+def toml_text(config: Any) -> str:
+    """A config object as a flat TOML file."""
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in to_record(config).items())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from fedmri.deploy.processes import FLOWER_ENV, Supervisor, flower_env, free_port, wait_for_port
+from fedmri.common.processes import FLOWER_ENV, Supervisor, flower_env, free_port, wait_for_port
 
 # A parent that starts a detached grandchild in its own session (as flower-supernode starts
 # flower-superexec), writes its pid, then ignores SIGTERM for a while like a slow shutdown.

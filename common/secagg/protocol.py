@@ -116,8 +116,9 @@ def check_pinned(hospitals: Iterable[str], pinned: Mapping[str, bytes], where: s
     unknown = sorted(h for h in hospitals if h not in pinned)
     if unknown:
         raise UnknownHospitalError(
-            f"{where}: hospital(s) {', '.join(unknown)} are not in the pinned identity set; "
-            "enroll them (pin their identity keys) before they can take part")
+            f"{where}: hospital(s) {', '.join(unknown)} are not in the pinned identity set "
+            "(the members a hospital accepted: `fedmri client members`, `fedmri client "
+            "accept`); they cannot take part until pinned")
 
 
 def check_current(setup: RoundSetup, run_id: str, round_: int, hospital: str, what: str) -> None:

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.common.checkpoint import save_json
+from fedmri.common.processes import flower_env
 from fedmri.deploy.bench.measure import mean
 from fedmri.deploy.bench.vectors import STD, BenchCohort, parse_examples
 from fedmri.deploy.deployment import Deployment, FlowerApp, run_deployment, run_guarded
 from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
-from fedmri.deploy.processes import flower_env
 from fedmri.proto import files
 from fedmri.proto.run_config import ServerSettings
 

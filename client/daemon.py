@@ -1,0 +1,117 @@
+"""`fedmri client start`: the hospital daemon.
+
+Runs Flower's SuperNode with TLS (the coordinator's CA), node authentication (node.key) and
+the node config of this home, in the foreground. A SuperNode that exits is restarted with
+backoff (1 s doubling to 60 s, reset after 5 minutes up); the member list is refreshed from the
+coordinator every minute (fedmri.client.members). SIGTERM or Ctrl-C stops everything it
+started. One structured log line per event; status.json says what runs now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fedmri.client.home import HospitalHome, HospitalSettings
+from fedmri.common.checkpoint import save_json
+from fedmri.common.processes import Supervisor, executable, flower_env, free_port
+from fedmri.proto.node_config import NodeConfig
+
+log = logging.getLogger("fedmri.client")
+
+BACKOFF_MAX_S = 60.0
+STABLE_S = 300.0
+MEMBERS_EVERY_S = 60.0
+
+
+def node_config(home: HospitalHome, settings: HospitalSettings) -> NodeConfig:
+    return NodeConfig(hospital=settings.hospital, data_path=settings.data,
+                      threads=settings.threads, tp=settings.tp,
+                      identity_key=home.identity_key, pinned_keys=home.members,
+                      state_dir=home.state)
+
+
+def supernode_argv(home: HospitalHome, settings: HospitalSettings) -> list[str]:
+    return [executable("flower-supernode"), "--root-certificates", str(home.ca_cert),
+            "--superlink", settings.superlink,
+            "--auth-supernode-private-key", str(home.node_key),
+            "--node-config", node_config(home, settings).to_node_config_arg(),
+            "--port", str(free_port())]
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class Daemon:
+    def __init__(self, home: HospitalHome) -> None:
+        self.home = home
+        self.settings = home.require()
+        self.restarts = 0
+        self.started = time.time()
+
+    def _status(self, state: str, **extra: Any) -> None:
+        save_json(self.home.status_file, {
+            "pid": os.getpid(), "hospital": self.settings.hospital, "state": state,
+            "started": self.started, "restarts": self.restarts, "updated": time.time(),
+            **extra})
+
+    def refresh_members(self) -> None:
+        from fedmri.client import members
+        from fedmri.client.enroll import EnrollmentError, fetch_members
+
+        try:
+            offered = fetch_members(self.settings.enrollment, self.home.ca_cert.read_bytes(),
+                                    self.settings.hospital, self.home.identity_key)
+        except EnrollmentError as err:
+            log.warning("event=members_refresh_failed hospital=%s error=%r",
+                        self.settings.hospital, str(err))
+            return
+        members.update(self.home, self.settings, offered)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, _stop)
+        env = flower_env({"FLWR_HOME": str(self.home.root / "flwr")})
+        backoff = 1.0
+        next_members = 0.0
+        try:
+            with Supervisor(self.home.logs) as sup:
+                while True:
+                    if time.monotonic() >= next_members:
+                        self.refresh_members()
+                        next_members = time.monotonic() + MEMBERS_EVERY_S
+                    node = sup.start("supernode", supernode_argv(self.home, self.settings),
+                                     env=env)
+                    up_since = time.monotonic()
+                    log.info("event=supernode_started hospital=%s pid=%d superlink=%s",
+                             self.settings.hospital, node.pid, self.settings.superlink)
+                    self._status("running", supernode_pid=node.pid)
+                    while node.poll() is None:
+                        if time.monotonic() >= next_members:
+                            self.refresh_members()
+                            next_members = time.monotonic() + MEMBERS_EVERY_S
+                        time.sleep(0.5)
+                    sup.stop_all()
+                    if time.monotonic() - up_since > STABLE_S:
+                        backoff = 1.0
+                    self.restarts += 1
+                    log.warning("event=supernode_exited hospital=%s code=%s restart_in=%.0fs "
+                                "log=%s", self.settings.hospital, node.returncode, backoff,
+                                self.home.logs / "supernode.log")
+                    self._status("restarting", last_exit=node.returncode)
+                    time.sleep(backoff)
+                    backoff = min(BACKOFF_MAX_S, backoff * 2)
+        except KeyboardInterrupt:
+            log.info("event=daemon_stopped hospital=%s", self.settings.hospital)
+            return 0
+        finally:
+            self.home.status_file.unlink(missing_ok=True)
+
+
+def start(home: Path | None) -> int:
+    return Daemon(HospitalHome.at(home)).run()

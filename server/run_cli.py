@@ -1,0 +1,80 @@
+"""`fedmri run start|status|stop|fetch-model`: runs on the coordinator's SuperLink."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedmri.common.config import add_run_config_args, run_config_from_args
+from fedmri.server.home import CoordinatorHome
+
+
+def main(argv: list[str]) -> int:
+    from fedmri.server.cli import _actor
+
+    parser = argparse.ArgumentParser(prog="fedmri run",
+                                     description="Start, watch and stop federated runs.")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="the coordinator's home (default ~/.fedmri/server)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="submit a run to the SuperLink")
+    p.add_argument("--min-nodes", type=int, default=None,
+                   help="hospitals the first round waits for (default: every member)")
+    p.add_argument("--node-wait", type=float, default=600.0, help="seconds to wait for them")
+    p.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds for a step with training")
+    p.add_argument("--stage-timeout", type=float, default=120.0,
+                   help="seconds for a secure-aggregation step without training")
+    add_run_config_args(p)
+    for name in ("status", "stop", "fetch-model"):
+        p = sub.add_parser(name)
+        p.add_argument("run", nargs="?", default=None, help="run name or id (default: latest)")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        if name == "fetch-model":
+            p.add_argument("--out", type=Path, default=Path("."), help="file or folder")
+    args = parser.parse_args(argv)
+    home = CoordinatorHome.at(args.home)
+    try:
+        return _dispatch(args, home, _actor())
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"fedmri run {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, home: CoordinatorHome, actor: str) -> int:
+    from fedmri.server import runs
+
+    if args.command == "start":
+        from fedmri.common.identity import load_pinned
+
+        cfg = run_config_from_args(args)
+        members = load_pinned(home.members) if home.members.exists() else {}
+        record = runs.start_run(home, cfg, args.min_nodes or max(1, len(members)),
+                                args.node_wait, args.round_timeout, args.stage_timeout, actor)
+        print(f"run {record['run']} started (Flower run {record['run_id']}), members "
+              f"{', '.join(record['members'])}; watch it: fedmri run status")
+        return 0
+    if args.command == "status":
+        summary = runs.summarize(runs.find_run(home, args.run))
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"run {summary['run']} (Flower {summary['run_id']}): {summary['state']}, round "
+              f"{summary['round']}/{summary['rounds']}, secure {summary['secure']}")
+        for m in summary["metrics"]:
+            losses = " ".join(f"{h}={v:.3f}" for h, v in m["train_loss"].items())
+            print(f"  round {m['round']}: {m['seconds']:.1f}s, {m['hospitals']} hospitals, "
+                  f"loss {losses}")
+        for problem in summary["problems"]:
+            print(f"  problem: {problem}")
+        return 0
+    if args.command == "stop":
+        summary = runs.stop_run(home, args.run, actor)
+        print(f"run {summary['run']} stopped after round {summary['round']}")
+        return 0
+    out = runs.fetch_model(home, args.run, args.out)
+    print(f"global model written to {out}")
+    return 0

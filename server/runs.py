@@ -1,0 +1,169 @@
+"""Runs the coordinator submits to its SuperLink: `fedmri run start|status|stop|fetch-model`.
+
+Each run gets a folder runs/NAME (NAME: UTC start time) that the ServerApp writes its events,
+checkpoints and global model into; run.json there records Flower's run id and the config.
+The run's member list is the coordinator's members.json at submission.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fedmri.common.checkpoint import save_json
+from fedmri.common.config import RunConfig
+from fedmri.proto import files
+from fedmri.proto.events import Done, EventTail, Failed, HospitalFailed, RoundDone, RoundSkipped
+from fedmri.proto.run_config import ServerSettings
+from fedmri.server.flower_app import FlowerApp, write_flower_app
+from fedmri.server.home import CoordinatorHome
+
+RUN_RECORD = "run.json"
+
+
+def start_run(home: CoordinatorHome, cfg: RunConfig, min_nodes: int, node_wait_s: float,
+              round_timeout_s: float, stage_timeout_s: float, actor: str) -> dict[str, Any]:
+    from fedmri.common.identity import load_pinned
+    from fedmri.server import superlink
+    from fedmri.server.registry import Registry
+
+    home.require()
+    if not home.status_file.exists():
+        raise RuntimeError(f"the coordinator is not running (start it: fedmri server start "
+                           f"--home {home.root})")
+    members = load_pinned(home.members) if home.members.exists() else {}
+    if cfg.secure and len(members) < 2:
+        raise ValueError(f"secure aggregation needs at least 2 enrolled hospitals; "
+                         f"{len(members)} enrolled")
+    name = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = home.runs / name
+    out.mkdir(parents=True)
+    # The run keeps its own copy: later enrollments do not change a running federation.
+    pinned = out / files.PINNED_KEYS
+    shutil.copy(home.members, pinned)
+    settings = ServerSettings(out_dir=out, min_nodes=min_nodes, node_wait_s=node_wait_s,
+                              round_timeout_s=round_timeout_s, stage_timeout_s=stage_timeout_s,
+                              pinned_keys=pinned)
+    app_dir = out / "app"
+    write_flower_app(app_dir, FlowerApp("fedmri.server.app:app", "fedmri.client.app:app",
+                                        {**cfg.to_dict(), **settings.to_run_config()}))
+    registry = Registry(home.registry)
+    try:
+        answer = superlink.flwr(home, "run", str(app_dir), "fedmri", cwd=out)
+    except RuntimeError as err:
+        registry.audit(actor, "run_start", name, "failed", str(err))
+        registry.close()
+        raise
+    record = {"run": name, "run_id": str(answer.get("run-id", "")), "started": time.time(),
+              "config": cfg.to_dict(), "members": sorted(members), "min_nodes": min_nodes}
+    save_json(out / RUN_RECORD, record)
+    registry.audit(actor, "run_start", name, "ok",
+                   f"flower run {record['run_id']}, rounds {cfg.rounds}, secure {cfg.secure}, "
+                   f"members {','.join(sorted(members))}")
+    registry.close()
+    return record
+
+
+def _run_dirs(home: CoordinatorHome) -> list[Path]:
+    if not home.runs.exists():
+        return []
+    return sorted(p for p in home.runs.iterdir() if (p / RUN_RECORD).exists())
+
+
+def summarize(folder: Path) -> dict[str, Any]:
+    record = json.loads((folder / RUN_RECORD).read_text())
+    state, last_round, metrics, problems = "running", 0, [], []
+    for event in EventTail(folder / files.EVENTS).read():
+        if isinstance(event, RoundDone):
+            last_round = event.round
+            metrics.append({"round": event.round, "seconds": event.seconds,
+                            "hospitals": event.hospitals, "train_loss": event.train_loss})
+        elif isinstance(event, (HospitalFailed, RoundSkipped)):
+            problems.append(f"round {event.round}: {event.reason}")
+        elif isinstance(event, Done):
+            state = "finished"
+        elif isinstance(event, Failed):
+            state, problems = "failed", [*problems, event.error]
+    if (folder / "stopped").exists() and state == "running":
+        state = "stopped"
+    return {"run": record["run"], "run_id": record["run_id"], "state": state,
+            "round": last_round, "rounds": record["config"]["rounds"],
+            "secure": record["config"]["secure"], "metrics": metrics, "problems": problems[-10:],
+            "model": str(folder / files.GLOBAL_MODEL)
+            if (folder / files.GLOBAL_MODEL).exists() else None}
+
+
+def run_summaries(home: CoordinatorHome) -> list[dict[str, Any]]:
+    return [summarize(folder) for folder in _run_dirs(home)]
+
+
+def find_run(home: CoordinatorHome, name: str | None) -> Path:
+    """A run's folder by its name or Flower run id; the latest run without one."""
+    runs = _run_dirs(home)
+    if not runs:
+        raise FileNotFoundError(f"no runs in {home.runs} (start one: fedmri run start)")
+    if name is None:
+        return runs[-1]
+    for folder in runs:
+        record = json.loads((folder / RUN_RECORD).read_text())
+        if name in (record["run"], record["run_id"]):
+            return folder
+    raise FileNotFoundError(f"no run named {name!r} in {home.runs}")
+
+
+def stop_run(home: CoordinatorHome, name: str | None, actor: str) -> dict[str, Any]:
+    from fedmri.server import superlink
+    from fedmri.server.registry import Registry
+
+    folder = find_run(home, name)
+    record = json.loads((folder / RUN_RECORD).read_text())
+    superlink.flwr(home, "stop", record["run_id"], "fedmri")
+    (folder / "stopped").write_text(f"{time.time()}\n")
+    registry = Registry(home.registry)
+    registry.audit(actor, "run_stop", record["run"], "ok", f"flower run {record['run_id']}")
+    registry.close()
+    return summarize(folder)
+
+
+def fetch_model(home: CoordinatorHome, name: str | None, out: Path) -> Path:
+    folder = find_run(home, name)
+    model = folder / files.GLOBAL_MODEL
+    if not model.exists():
+        raise FileNotFoundError(f"run {folder.name} has no global model yet (no round "
+                                "finished)")
+    out = out / files.GLOBAL_MODEL if out.is_dir() else out
+    shutil.copyfile(model, out)
+    return out
+
+
+class RoundAuditor:
+    """Copies each run's round results and failures into the audit log as they happen
+    (`fedmri server start` calls `poll` about twice a second)."""
+
+    def __init__(self, home: CoordinatorHome) -> None:
+        self.home = home
+        self.tails: dict[Path, EventTail] = {}
+        for folder in _run_dirs(home):  # already audited by an earlier `server start`
+            tail = self.tails[folder] = EventTail(folder / files.EVENTS)
+            events = folder / files.EVENTS
+            tail.offset = events.stat().st_size if events.exists() else 0
+
+    def poll(self, registry: Any) -> None:
+        for folder in _run_dirs(self.home):
+            tail = self.tails.setdefault(folder, EventTail(folder / files.EVENTS))
+            for event in tail.read():
+                if isinstance(event, RoundDone):
+                    registry.audit("serverapp", "round", folder.name, "ok",
+                                   f"round {event.round}: {event.hospitals} hospitals, "
+                                   f"{event.failures} failures, {event.seconds:.1f}s")
+                elif isinstance(event, (HospitalFailed, RoundSkipped)):
+                    registry.audit("serverapp", event.NAME, folder.name, "error",
+                                   f"round {event.round}: {event.reason}")
+                elif isinstance(event, Done):
+                    registry.audit("serverapp", "run_done", folder.name, "ok",
+                                   f"{event.rounds} rounds")
+                elif isinstance(event, Failed):
+                    registry.audit("serverapp", "run_failed", folder.name, "error", event.error)
