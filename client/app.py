@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmri.client import secure_client
+from fedmri.client import run_approval, secure_client
 from fedmri.common.config import RunConfig
 from fedmri.proto import wire
 from fedmri.proto.node_config import NodeConfig
@@ -46,6 +46,7 @@ def _setup(msg: Message, context: Context) -> tuple[NodeConfig, RunConfig, torch
     if node.threads > 0:
         torch.set_num_threads(node.threads)
     cfg = RunConfig.from_dict(dict(msg.content.config_records[wire.CONFIG]))
+    run_approval.gate(node, context.run_id, cfg)  # before any data is read
     start = time.perf_counter()
     # On a mesh each rank reads its own slab: this process needs only the cases' split.
     data = load_hospital(data_path, cfg, slab=(0, 0) if _on_mesh(node) else None)
@@ -85,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     from fedmri.common.vectors import flatten_update
 
     node, cfg, model, data, load_s = _setup(msg, context)
+    run_approval.gate(node, context.run_id, cfg, volumes=len(data.train))
     hospital = node.hospital
     config = msg.content.config_records[wire.CONFIG]
     rnd = int(config[wire.ROUND])  # type: ignore[arg-type]
@@ -127,7 +129,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def secure_step(msg: Message, context: Context) -> Message:
     """Secure-aggregation steps that carry no training: advertise keys, reveal for unmask."""
-    return secure_client.query_step(msg, NodeConfig.from_context(context))
+    node = NodeConfig.from_context(context)
+    run_approval.gate(node, context.run_id, RunConfig.from_dict(dict(context.run_config)),
+                      participants=secure_client.participants(msg))
+    return secure_client.query_step(msg, node)
 
 
 @app.evaluate()

@@ -1,7 +1,9 @@
 """`fedmri client start`: the hospital daemon.
 
 Runs Flower's SuperNode with TLS (the coordinator's CA), node authentication (node.key) and
-the node config of this home, in the foreground. A SuperNode that exits is restarted with
+the node config of this home, in the foreground, in process-isolation mode, and fedmri's
+long-lived executor that takes its tasks (fedmri.client.executor: only the installed ClientApp
+runs, warm). A SuperNode or executor that exits is restarted (both) with
 backoff (1 s doubling to 60 s, reset after 5 minutes up); the member list is refreshed from the
 coordinator every minute (fedmri.client.members). SIGTERM or Ctrl-C stops everything it
 started. One structured log line per event; status.json says what runs now.
@@ -11,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fedmri.client.home import HospitalHome, HospitalSettings
-from fedmri.common.checkpoint import save_json
+from fedmri.common.checkpoint import save_json, write_private
 from fedmri.common.processes import Supervisor, executable, flower_env, free_port
 from fedmri.proto.node_config import NodeConfig
 
@@ -33,15 +37,23 @@ def node_config(home: HospitalHome, settings: HospitalSettings) -> NodeConfig:
     return NodeConfig(hospital=settings.hospital, data_path=settings.data,
                       threads=settings.threads, tp=settings.tp,
                       identity_key=home.identity_key, pinned_keys=home.members,
-                      state_dir=home.state)
+                      state_dir=home.state, runs_dir=home.runs, run_policy=home.policy)
 
 
-def supernode_argv(home: HospitalHome, settings: HospitalSettings) -> list[str]:
+def supernode_argv(home: HospitalHome, settings: HospitalSettings, runtime_port: int
+                   ) -> list[str]:
+    isolation = (["--isolation", "process", "--superexec-auth-secret-file",
+                  str(home.executor_secret)] if settings.executor else [])
     return [executable("flower-supernode"), "--root-certificates", str(home.ca_cert),
             "--superlink", settings.superlink,
             "--auth-supernode-private-key", str(home.node_key),
             "--node-config", node_config(home, settings).to_node_config_arg(),
-            "--port", str(free_port())]
+            *isolation, "--host", "127.0.0.1", "--port", str(runtime_port)]
+
+
+def executor_argv(home: HospitalHome, runtime_port: int) -> list[str]:
+    return [sys.executable, "-m", "fedmri.client.executor", "--runtime",
+            f"127.0.0.1:{runtime_port}", "--secret-file", str(home.executor_secret)]
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -85,13 +97,21 @@ class Daemon:
                     if time.monotonic() >= next_members:
                         self.refresh_members()
                         next_members = time.monotonic() + MEMBERS_EVERY_S
-                    node = sup.start("supernode", supernode_argv(self.home, self.settings),
+                    port = free_port()
+                    if self.settings.executor:
+                        write_private(self.home.executor_secret, secrets.token_bytes(32))
+                    node = sup.start("supernode", supernode_argv(self.home, self.settings, port),
                                      env=env)
+                    # The executor takes the SuperNode's tasks; without it, Flower's
+                    # per-message processes do (settings.executor = false).
+                    executor = (sup.start("executor", executor_argv(self.home, port), env=env)
+                                if self.settings.executor else node)
                     up_since = time.monotonic()
-                    log.info("event=supernode_started hospital=%s pid=%d superlink=%s",
-                             self.settings.hospital, node.pid, self.settings.superlink)
-                    self._status("running", supernode_pid=node.pid)
-                    while node.poll() is None:
+                    log.info("event=supernode_started hospital=%s pid=%d superlink=%s "
+                             "executor=%s", self.settings.hospital, node.pid,
+                             self.settings.superlink, executor.pid)
+                    self._status("running", supernode_pid=node.pid, executor_pid=executor.pid)
+                    while node.poll() is None and executor.poll() is None:
                         if time.monotonic() >= next_members:
                             self.refresh_members()
                             next_members = time.monotonic() + MEMBERS_EVERY_S
@@ -100,9 +120,9 @@ class Daemon:
                     if time.monotonic() - up_since > STABLE_S:
                         backoff = 1.0
                     self.restarts += 1
-                    log.warning("event=supernode_exited hospital=%s code=%s restart_in=%.0fs "
-                                "log=%s", self.settings.hospital, node.returncode, backoff,
-                                self.home.logs / "supernode.log")
+                    log.warning("event=supernode_exited hospital=%s code=%s executor_code=%s "
+                                "restart_in=%.0fs logs=%s", self.settings.hospital,
+                                node.returncode, executor.returncode, backoff, self.home.logs)
                     self._status("restarting", last_exit=node.returncode)
                     time.sleep(backoff)
                     backoff = min(BACKOFF_MAX_S, backoff * 2)

@@ -19,7 +19,8 @@ from fedmri.client.home import MEMBER_POLICIES, HospitalHome, HospitalSettings
 
 
 def init(home: HospitalHome, coordinator: str, token: str, ca_fingerprint: str, name: str,
-         data: Path, threads: int, tp: int, member_policy: str, force: bool) -> list[str]:
+         data: Path, threads: int, tp: int, member_policy: str, approve_runs: str,
+         force: bool) -> list[str]:
     """Make this hospital's keys, enroll, store the CA, the member list and the config."""
     from fedmri.client import members
     from fedmri.client.enroll import enroll, fetch_ca, make_node_key, split_address
@@ -50,6 +51,11 @@ def init(home: HospitalHome, coordinator: str, token: str, ca_fingerprint: str, 
     from fedmri.common.identity import save_pinned
 
     save_pinned(home.members, {name: identity_public})
+    from fedmri.client.run_approval import RunPolicy
+
+    if force or not home.policy.exists():
+        RunPolicy(approve=approve_runs).write(home.policy)
+    home.runs.mkdir(exist_ok=True)
     return members.update(home, settings, done.members)
 
 
@@ -156,7 +162,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", type=Path, required=True, help="the DICOM folder (only read)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--tp", type=int, default=1, help="ranks splitting each volume")
-    p.add_argument("--member-policy", choices=MEMBER_POLICIES, default="manual")
+    p.add_argument("--member-policy", choices=MEMBER_POLICIES, default="manual",
+                   help="manual: new members wait for `fedmri client accept` (default)")
+    p.add_argument("--approve-runs", choices=("manual", "policy"), default="manual",
+                   help="manual: each run waits for `fedmri client approve` (default); "
+                        "policy: runs within policy.toml's rules are joined")
     p.add_argument("--force", action="store_true", help="new keys, enroll again")
     p = sub.add_parser("check", help="data, kernels, GPUs, certificate, coordinator")
     p.add_argument("--json", action="store_true")
@@ -166,6 +176,10 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("members", help="accepted and announced members")
     p.add_argument("--json", action="store_true")
     p.add_argument("--offline", action="store_true", help="do not ask the coordinator")
+    p = sub.add_parser("runs", help="runs seen, approved or refused, with their config")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("approve", help="approve a run this hospital has seen")
+    p.add_argument("run", help="the Flower run id (see `fedmri client runs`)")
     p = sub.add_parser("accept", help="accept an announced member")
     p.add_argument("name")
     p.add_argument("fingerprint", help="its fingerprint, as its operator told you")
@@ -189,7 +203,8 @@ def _dispatch(args: argparse.Namespace, home: HospitalHome) -> int:
 
     if args.command == "init":
         changes = init(home, args.coordinator, args.token, args.ca_fingerprint, args.name,
-                       args.data, args.threads, args.tp, args.member_policy, args.force)
+                       args.data, args.threads, args.tp, args.member_policy,
+                       args.approve_runs, args.force)
         print(f"enrolled {args.name}; keys and config in {home.root}")
         for line in changes:
             print(f"  {line}")
@@ -225,6 +240,24 @@ def _dispatch(args: argparse.Namespace, home: HospitalHome) -> int:
             print(json.dumps([row.__dict__ for row in rows], indent=2))
         for row in [] if args.json else rows:
             print(f"  {row.name:<20} {row.fingerprint}  {row.state}")
+        return 0
+    if args.command in ("runs", "approve"):
+        from fedmri.client import run_approval
+
+        home.require()
+        if args.command == "approve":
+            run = run_approval.approve(home.runs, args.run, "operator")
+            print(f"approved run {args.run}: model {run['model']}, {run['rounds']} rounds, "
+                  f"secure {run['secure']}")
+            return 0
+        seen = run_approval.runs(home.runs)
+        if args.json:
+            print(json.dumps(seen, indent=2))
+        for r in [] if args.json else seen:
+            print(f"  run {r['run']}: {r['state']}  model {r['model']}, {r['rounds']} rounds, "
+                  f"{r['local_epochs']} local epochs, batch {r['batch_size']}, secure "
+                  f"{r['secure']}, participants {','.join(r.get('participants', [])) or '?'}"
+                  + (f"\n      refused: {r['refused']}" if r.get("refused") else ""))
         return 0
     fp = members.accept(home, args.name, args.fingerprint)
     print(f"accepted {args.name} ({fp})")

@@ -8,7 +8,10 @@
     members.json     the members this hospital accepted (name -> identity key): the only
                      hospitals it runs secure aggregation with
     announced.json   members the coordinator announced that are not accepted yet
+    policy.toml      which runs this hospital joins (fedmri.client.run_approval.RunPolicy)
+    runs/            runs seen (RUN.json) and approved (RUN.approved)
     state/           secure-aggregation round state between messages
+    executor.secret  what the executor claims the SuperNode's tasks with (new at each start)
     logs/            the SuperNode's log
 Back up the keys, client.toml and members.json: without them the hospital must enroll again.
 The data folder is only ever read.
@@ -44,6 +47,10 @@ class HospitalSettings:
     threads: int = setting("threads", 0, "torch CPU threads; 0: torch's default",
                            NON_NEGATIVE)
     tp: int = setting("tp", 1, "ranks that split each volume in depth", POSITIVE)
+    executor: bool = setting(
+        "executor", True, "run messages in fedmri's long-lived executor (only the installed "
+        "ClientApp); false: Flower's per-message processes, which run the ClientApp a run "
+        "names (comparison and fallback only)")
     member_policy: str = setting(
         "member-policy", "manual", "manual: new members wait for `fedmri client accept`; "
         "accept-all: every announced member is accepted (demos only)",
@@ -85,6 +92,18 @@ class HospitalHome:
     @property
     def announced(self) -> Path:
         return self.root / "announced.json"
+
+    @property
+    def policy(self) -> Path:
+        return self.root / "policy.toml"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def executor_secret(self) -> Path:
+        return self.root / "executor.secret"  # SuperNode <-> executor task claims, 0600
 
     @property
     def state(self) -> Path:

@@ -98,11 +98,21 @@ def read_cache(cache: Path, cfg: RunConfig, slab: tuple[int, int] | None = None,
     return HospitalData(train=train, val=val, rejected=rejected, cache=cache)
 
 
+# A long-lived process (the hospital daemon's executor) keeps the last split in memory: the
+# next message of the run gets it without reading the cache again.
+_last: tuple[tuple[object, ...], HospitalData] | None = None
+
+
 def load_hospital(data_dir: Path, cfg: RunConfig,
                   slab: tuple[int, int] | None = None) -> HospitalData:
     """Train/validation split of the hospital folder (decoded once into the cache), see
     read_cache."""
+    global _last
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    return read_cache(_cached(data_dir, cfg), cfg, slab, source=data_dir)
+    cache = _cached(data_dir, cfg)  # the key changes when a file in the folder changes
+    key = (cache, cfg.val_fraction, cfg.seed, slab)
+    if _last is None or _last[0] != key:
+        _last = (key, read_cache(cache, cfg, slab, source=data_dir))
+    return _last[1]

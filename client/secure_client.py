@@ -68,6 +68,13 @@ def _setup_of(record: ConfigRecord) -> RoundSetup:
     return RoundSetup.from_bytes(bytes(record[wire.SECAGG_SETUP]))  # type: ignore[arg-type]
 
 
+def participants(msg: Message) -> list[str] | None:
+    """The hospitals a round-setup message names (None for other messages)."""
+    if not is_secure(msg) or stage_of(msg) != wire.STAGE_ADVERTISE:
+        return None
+    return list(_setup_of(msg.content.config_records[wire.SECAGG]).participants)
+
+
 def query_step(msg: Message, node: NodeConfig) -> Message:
     """The secure-aggregation steps that carry no training: advertise keys, reveal."""
     stage = stage_of(msg)

@@ -48,6 +48,11 @@ class NodeConfig:
         "pinned-keys", None, "the enrolled hospitals' public keys (JSON), secure aggregation")
     state_dir: Path | None = setting(
         "state-dir", None, "where secure-aggregation round state is kept between messages")
+    runs_dir: Path | None = setting(
+        "runs-dir", None, "runs seen and approved (fedmri.client.run_approval); unset: every "
+        "run is joined")
+    run_policy: Path | None = setting("run-policy", None,
+                                      "the hospital's run policy file (policy.toml)")
     # Benchmark SuperNodes only (`fedmri bench secagg`).
     bench_index: int | None = setting("index", None, "this client's place in the bench cohort",
                                       NON_NEGATIVE)

@@ -164,7 +164,8 @@ def status(home: CoordinatorHome) -> dict[str, Any]:
         node = nodes.get(h.node_id, {})
         hospitals.append({"name": h.name, "node_id": h.node_id, "enrolled": h.enrolled,
                           "revoked": h.revoked, "status": node.get("status", "unknown"),
-                          "last_seen": node.get("last-activated-at") or node.get("online-at"),
+                          "last_seen": node.get("online-at") if node.get("status") == "online"
+                          else node.get("offline-at"),
                           "node": node})
     audit = registry.audit_log(200)
     registry.close()
