@@ -8,6 +8,7 @@ every enrollment, revocation, run start and stop and round result.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -61,11 +62,12 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        # Created 0600 first: SQLite gives its WAL and shared-memory files the same mode.
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
-        self.path.chmod(0o600)
 
     def close(self) -> None:
         self._db.close()
