@@ -90,7 +90,17 @@ def train(msg: Message, context: Context) -> Message:
     hospital = node.hospital
     config = msg.content.config_records[wire.CONFIG]
     rnd = int(config[wire.ROUND])  # type: ignore[arg-type]
+    if cfg.secure != secure_client.is_secure(msg):
+        # A run declared secure gets masked updates only: a coordinator that leaves the
+        # secure-aggregation records out of one message gets a refusal, not the weights.
+        raise run_approval.RunRefused(
+            f"hospital {hospital}: the run is declared {'secure' if cfg.secure else 'plain'} "
+            "but this message is not; refusing")
+    if not 1 <= rnd <= cfg.rounds:
+        raise run_approval.RunRefused(f"hospital {hospital}: round {rnd} is outside the run's "
+                                      f"{cfg.rounds} rounds; refusing")
     if secure_client.is_secure(msg):
+        secure_client.check_run_id(msg, context.run_id, hospital)
         # The training seed follows the secure-aggregation round, which the hospital never
         # reveals for twice: a coordinator replaying a round number with the same weights
         # cannot get the same update again and difference two aggregates exactly.
@@ -132,6 +142,7 @@ def secure_step(msg: Message, context: Context) -> Message:
     node = NodeConfig.from_context(context)
     run_approval.gate(node, context.run_id, RunConfig.from_dict(dict(context.run_config)),
                       participants=secure_client.participants(msg))
+    secure_client.check_run_id(msg, context.run_id, node.hospital)
     return secure_client.query_step(msg, node)
 
 

@@ -39,6 +39,7 @@ from typing import Any
 log = logging.getLogger("fedmri.executor")
 
 APPROVED_CLIENTAPP = "fedmri.client.app:app"
+MAX_BUNDLE_BYTES = 1 << 20  # fedmri's bundles are a few KB; bigger ones are not ours
 HEARTBEAT_S = 15.0  # Flower fails a task after 60 s without one
 IDLE_POLL_S = 0.2
 
@@ -47,12 +48,19 @@ def bundle_problem(content: bytes, fab_hash: str, run_fab_hash: str) -> str | No
     """Why this app bundle must not run here, or None. Accepted: a pyproject naming
     APPROVED_CLIENTAPP, Flower's .info/ manifest, and Python files without code (docstrings,
     `app = None`, as Flower's packaging needs)."""
+    if len(content) > MAX_BUNDLE_BYTES:
+        return f"the app bundle is {len(content)} bytes; fedmri's are a few KB"
     digest = hashlib.sha256(content).hexdigest()
     if digest != fab_hash or digest != run_fab_hash:
         return "the app bundle does not match its announced hash"
     try:
         with zipfile.ZipFile(io.BytesIO(content)) as bundle:
-            names = bundle.namelist()
+            entries = bundle.infolist()
+            names = [e.filename for e in entries]
+            if sum(e.file_size for e in entries) > MAX_BUNDLE_BYTES:
+                return "the app bundle unpacks to more than 1 MB; fedmri's are a few KB"
+            if len(set(names)) != len(names):
+                return "the app bundle holds a file twice"
             config = tomllib.loads(bundle.read("pyproject.toml").decode())
             sources = {n: bundle.read(n) for n in names if n.endswith(".py")}
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
@@ -65,9 +73,10 @@ def bundle_problem(content: bytes, fab_hash: str, run_fab_hash: str) -> str | No
         return (f"the app bundle names the ClientApp {clientapp!r}; this hospital runs only "
                 f"the installed {APPROVED_CLIENTAPP}")
     for name in names:
-        if name == "pyproject.toml" or name.startswith(".info/") or name.endswith("/"):
+        if name in ("pyproject.toml", ".info/CONTENT"):
             continue
-        if name not in sources or not _code_free(sources[name]):
+        if "/" in name or "\\" in name or name.startswith(".") or name not in sources \
+                or not _code_free(sources[name]):
             return (f"the app bundle carries code ({name}); this hospital runs only the "
                     "installed fedmri")
     return None
@@ -76,7 +85,7 @@ def bundle_problem(content: bytes, fab_hash: str, run_fab_hash: str) -> str | No
 def _code_free(source: bytes) -> bool:
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # hostile nesting
         return False
     for node in tree.body:
         docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
@@ -86,6 +95,41 @@ def _code_free(source: bytes) -> bool:
         if not (docstring or app_none):
             return False
     return True
+
+
+def _pull_task(client: Any) -> tuple[Any, Any, Any, Any]:
+    """The task's message, context, run and bundle. As flwr's pull_task_input, but polling
+    for the message's objects every 50 ms up to 0.5 s: the SuperNode queues a task before it
+    holds all of the message, and Flower's own back-off (1 s doubling to 10 s, made for a
+    process that takes seconds to start) would add about 7 s to a message taken at once."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    context, run, fab = (context_from_proto(task.context), run_from_proto(task.run),
+                         fab_from_proto(task.fab))
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
+        task.task_id, task.run.run_id, task.context.node_id)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed a task without a message")
+    tree = pulled.message_object_trees[0]
+    node = Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, initial_backoff=0.05, backoff_cap=0.5)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # not part of its content
+    return message, context, run, fab
 
 
 class _Heartbeat(threading.Thread):
@@ -154,11 +198,7 @@ class Executor:
             RuntimeVersionHttpInterceptor,
         )
         from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.runtime.run_clientapp import (
-            pull_task_input,
-            push_message,
-            push_task_output,
-        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = RuntimeHttpClient.from_server_address(self.runtime, True, None, [
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -167,8 +207,10 @@ class Executor:
         beat.start()
         started = time.perf_counter()
         context, status, details, kind = None, SubStatus.FAILED, "executor failed", "?"
+        pulled = called = started
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = _pull_task(client)
+            pulled = time.perf_counter()
             kind = message.metadata.message_type
             problem = bundle_problem(fab.content, fab.hash_str, run.fab_hash)
             if problem:
@@ -188,6 +230,7 @@ class Executor:
                                 str(err)[:500])
                     reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                           reason=details), reply_to=message)
+            called = time.perf_counter()
             push_message(client, reply, context)
         except Exception as err:  # transport: the SuperNode fails the task after its TTL
             log.warning("event=task_failed run=%d error=%r", run_id, str(err)[:500])
@@ -198,8 +241,10 @@ class Executor:
             finally:
                 client.close()
         self.tasks += 1
-        log.info("event=task_done run=%d type=%s status=%s seconds=%.2f", run_id, kind, status,
-                 time.perf_counter() - started)
+        done = time.perf_counter()
+        log.info("event=task_done run=%d type=%s status=%s seconds=%.2f pull=%.2f app=%.2f "
+                 "push=%.2f", run_id, kind, status, done - started, pulled - started,
+                 called - pulled, done - called)
 
     def serve_forever(self) -> None:
         while True:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fedmri.client.home import HospitalHome, HospitalSettings
 from fedmri.common.fingerprint import fingerprint, normalize
 from fedmri.common.identity import load_pinned, save_pinned
+from fedmri.proto.names import HOSPITAL_NAME
 
 log = logging.getLogger("fedmri.client")
 
@@ -38,9 +39,17 @@ def announced(home: HospitalHome) -> dict[str, bytes]:
 
 def update(home: HospitalHome, settings: HospitalSettings, offered: dict[str, bytes]
            ) -> list[str]:
-    """Take the coordinator's current member list; returns one line per change."""
+    """Take the coordinator's current member list; returns one line per change. Entries that
+    are not a valid name with a 32-byte key are ignored (and said)."""
     mine = accepted(home)
     changes = []
+    valid = {}
+    for name, key in offered.items():
+        if HOSPITAL_NAME.fullmatch(name) and len(key) == 32:
+            valid[name] = key
+        else:
+            changes.append(f"ignored a malformed member entry {name[:40]!r}")
+    offered = valid
     for name in sorted(set(mine) - set(offered) - {settings.hospital}):
         del mine[name]
         changes.append(f"member {name} left the federation (dropped)")

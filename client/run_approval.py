@@ -79,7 +79,7 @@ class RunPolicy:
 def describe(cfg: RunConfig) -> dict[str, Any]:
     """What an operator approves: the run's configuration and its digest."""
     config = cfg.to_dict()
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return {"model": cfg.model, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size, "secure": cfg.secure, "digest": digest,
             "config": config}
@@ -87,7 +87,7 @@ def describe(cfg: RunConfig) -> dict[str, Any]:
 
 def _safe_run_id(run_id: int | str) -> str:
     text = str(run_id)
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise RunRefused(f"run id {text!r} is not a Flower run id")
     return text
 

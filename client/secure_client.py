@@ -68,6 +68,23 @@ def _setup_of(record: ConfigRecord) -> RoundSetup:
     return RoundSetup.from_bytes(bytes(record[wire.SECAGG_SETUP]))  # type: ignore[arg-type]
 
 
+_RUN_IDS = ((wire.SECAGG_SETUP, RoundSetup), (wire.SECAGG_KEYS, KeysBroadcast),
+            (wire.SECAGG_CHECK, ConsistencyRequest), (wire.SECAGG_REQUEST, UnmaskRequest))
+
+
+def check_run_id(msg: Message, flower_run_id: int, hospital: str) -> None:
+    """Every secure-aggregation record must name the Flower run it arrives in: the replay
+    record is kept per run id, so a coordinator must not pick a fresh one to replay a round."""
+    record = msg.content.config_records[wire.SECAGG]
+    for key, kind in _RUN_IDS:
+        if key in record:
+            named = kind.from_bytes(bytes(record[key])).run_id  # type: ignore[arg-type]
+            if named != str(flower_run_id):
+                raise ProtocolViolationError(
+                    f"hospital {hospital}: a secure-aggregation message of Flower run "
+                    f"{flower_run_id} names run {named!r}; refusing")
+
+
 def participants(msg: Message) -> list[str] | None:
     """The hospitals a round-setup message names (None for other messages)."""
     if not is_secure(msg) or stage_of(msg) != wire.STAGE_ADVERTISE:

@@ -11,6 +11,7 @@ import getpass
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -83,7 +84,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 def start(home: CoordinatorHome) -> int:
     """The SuperLink and the enrollment service, in the foreground until SIGTERM/Ctrl-C or
     until the SuperLink exits (then exit 1, for systemd or the container to restart us)."""
-    from fedmri.common.checkpoint import save_json
+    from fedmri.common.checkpoint import save_json, write_private
     from fedmri.common.identity import save_pinned
     from fedmri.common.processes import Supervisor, flower_env, wait_for_port
     from fedmri.server import superlink
@@ -100,9 +101,12 @@ def start(home: CoordinatorHome) -> int:
     grpc_server = None
     try:
         with Supervisor(home.logs) as sup:
-            link = sup.start("superlink", superlink.superlink_argv(home, settings),
-                             env=flower_env({"FLWR_HOME": str(home.flwr_home)}))
+            env = flower_env({"FLWR_HOME": str(home.flwr_home)})
+            write_private(home.superexec_secret, secrets.token_bytes(32))
+            link = sup.start("superlink", superlink.superlink_argv(home, settings), env=env)
             wait_for_port(settings.port, 60, link, "flower-superlink")
+            executor = sup.start("superexec", superlink.superexec_argv(home, settings),
+                                 env=env)
             _unregister_revoked(home, registry)
             grpc_server = serve(service, settings.bind, settings.enroll_port,
                                 (home.tls / "server.pem").read_bytes(),
@@ -115,11 +119,12 @@ def start(home: CoordinatorHome) -> int:
             print(f"fedmri server {settings.name}: SuperLink on port {settings.port}, "
                   f"enrollment on port {settings.enroll_port}", flush=True)
             auditor = RoundAuditor(home)
-            while link.poll() is None:
+            while link.poll() is None and executor.poll() is None:
                 auditor.poll(registry)
                 time.sleep(0.5)
-            print(f"fedmri server: the SuperLink exited with code {link.returncode}; see "
-                  f"{home.logs / 'superlink.log'}", file=sys.stderr)
+            print(f"fedmri server: the SuperLink (code {link.returncode}) or its ServerApp "
+                  f"executor (code {executor.returncode}) exited; see {home.logs}",
+                  file=sys.stderr)
             return 1
     except KeyboardInterrupt:
         print("fedmri server: stopped", file=sys.stderr)
@@ -230,7 +235,7 @@ def _dispatch(args: argparse.Namespace, home: CoordinatorHome) -> int:
     from fedmri.server.registry import EnrollmentRefused
 
     if args.command == "init":
-        from fedmri.server.enrollment import check_hospital_name
+        from fedmri.proto.names import check_hospital_name
 
         check_hospital_name(args.name)
         fp = init(home, args.name, args.hosts, args.port, args.enroll_port, args.bind,
@@ -241,7 +246,7 @@ def _dispatch(args: argparse.Namespace, home: CoordinatorHome) -> int:
         return start(home)
     if args.command == "token":
         from fedmri.common.tls import ca_fingerprint
-        from fedmri.server.enrollment import check_hospital_name
+        from fedmri.proto.names import check_hospital_name
 
         settings = home.require()
         registry = _registry(home)

@@ -10,8 +10,9 @@ malformed keys) and an audit-log entry; no secret is ever logged.
 from __future__ import annotations
 
 import logging
-import re
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 
@@ -25,32 +26,50 @@ from fedmri.common.fingerprint import members_request_payload
 from fedmri.common.identity import save_pinned
 from fedmri.proto import enrollment_pb2 as pb
 from fedmri.proto import enrollment_pb2_grpc as pb_grpc
+from fedmri.proto.names import check_hospital_name
 from fedmri.server.home import CoordinatorHome, CoordinatorSettings
 from fedmri.server.registry import EnrollmentRefused, Registry
 
 log = logging.getLogger("fedmri.server")
 
-HOSPITAL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 CLOCK_SKEW_S = 300
-
-
-def check_hospital_name(name: str) -> str:
-    if not HOSPITAL_NAME.match(name):
-        raise ValueError(f"hospital name {name!r}: use 1-63 lower-case letters, digits, '.', "
-                         "'_' or '-', starting with a letter or digit")
-    return name
+REFUSALS_PER_MINUTE = 10  # per peer address; more are refused without an audit entry
 
 
 def check_node_key(data: bytes) -> bytes:
-    """An OpenSSH EC public key on a NIST curve, as Flower's node authentication takes."""
+    """An OpenSSH EC public key on a NIST curve, as Flower's node authentication takes, in
+    canonical form (no comment, one encoding): the same key always compares equal."""
     try:
         key = serialization.load_ssh_public_key(data)
     except (ValueError, TypeError) as err:
         raise ValueError(f"the SuperNode key is not an OpenSSH public key: {err}") from err
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
         raise ValueError("the SuperNode key must be an EC key on a NIST curve (P-256/384/521)")
-    return data
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+class _RefusalLimit:
+    """At most REFUSALS_PER_MINUTE refused requests per peer address are audited and
+    answered in full; the rest are turned away at once (no audit-log flooding, no guessing
+    at speed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recent: dict[str, deque[float]] = {}
+
+    def exceeded(self, peer: str) -> bool:
+        host = peer.rsplit(":", 1)[0]
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent.setdefault(host, deque())
+            while recent and now - recent[0] > 60:
+                recent.popleft()
+            return len(recent) >= REFUSALS_PER_MINUTE
+
+    def count(self, peer: str) -> None:
+        with self._lock:
+            self._recent.setdefault(peer.rsplit(":", 1)[0], deque()).append(time.monotonic())
 
 
 class EnrollmentService(pb_grpc.EnrollmentServicer):
@@ -59,27 +78,38 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
                  unregister: Callable[[int], None]) -> None:
         self.home, self.settings, self.registry = home, settings, registry
         self.register, self.unregister = register, unregister
+        self.limit = _RefusalLimit()
 
     def _members(self) -> list[pb.Member]:
         return [pb.Member(hospital=h, identity_public_key=k)
                 for h, k in sorted(self.registry.members().items())]
 
+    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, action: str,
+                subject: str, reason: str) -> None:
+        self.limit.count(context.peer())
+        self.registry.audit(context.peer(), action, subject, "refused", reason)
+        context.abort(code, reason)
+
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext
                ) -> pb.EnrollReply:
         peer = context.peer()
+        if self.limit.exceeded(peer):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many refused requests from "
+                          "this address; wait a minute")
         try:
             hospital = check_hospital_name(request.hospital)
             node_key = check_node_key(request.node_public_key)
             if len(request.identity_public_key) != 32:
                 raise ValueError("the identity key must be a raw 32-byte Ed25519 public key")
         except ValueError as err:
-            self.registry.audit(peer, "enroll", request.hospital[:80], "refused", str(err))
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "enroll", request.hospital,
+                         str(err))
         try:
             enrolled = self.registry.enroll(
                 request.token, hospital, node_key, bytes(request.identity_public_key),
                 lambda key: self.register(key, hospital), self.unregister, actor=peer)
         except EnrollmentRefused as err:
+            self.limit.count(peer)
             code = (grpc.StatusCode.ALREADY_EXISTS if "already" in str(err) and "token" not in
                     str(err) else grpc.StatusCode.PERMISSION_DENIED)
             log.info("event=enroll_refused hospital=%s peer=%s reason=%r", hospital, peer,
@@ -100,10 +130,13 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
 
     def Members(self, request: pb.MembersRequest, context: grpc.ServicerContext
                 ) -> pb.MembersReply:
+        if self.limit.exceeded(context.peer()):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many refused requests from "
+                          "this address; wait a minute")
         found = self.registry.hospital(request.hospital)
         reason = None
         if found is None or found.revoked is not None:
-            reason = f"{request.hospital!r} is not an enrolled hospital"
+            reason = f"{request.hospital[:80]!r} is not an enrolled hospital"
         elif abs(time.time() - request.unix_time) > CLOCK_SKEW_S:
             reason = "the request's time is more than 5 minutes off the coordinator's clock"
         else:
@@ -114,9 +147,8 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             except InvalidSignature:
                 reason = "the request is not signed by the hospital's enrolled identity key"
         if reason:
-            self.registry.audit(context.peer(), "members", request.hospital[:80], "refused",
-                                reason)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "members",
+                         request.hospital, reason)
         return pb.MembersReply(members=self._members())
 
 

@@ -6,6 +6,7 @@
     registry.db      tokens (hashed), hospitals, append-only audit log (fedmri.server.registry)
     superlink.db     Flower's SuperLink state: registered node keys, runs
     members.json     the member list (name -> identity key) runs are started with
+    superexec.secret what the ServerApp executor claims tasks with (0600, new at each start)
     flwr/            FLWR_HOME of the `flwr` commands fedmri runs (config.toml)
     runs/RUN/        each run's output: events, checkpoints, global model, report
     logs/            the SuperLink's log
@@ -65,6 +66,10 @@ class CoordinatorHome:
     @property
     def flwr_home(self) -> Path:
         return self.root / "flwr"
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.root / "superexec.secret"  # ServerApp task claims; new at each start
 
     @property
     def runs(self) -> Path:

@@ -91,9 +91,11 @@ class Registry:
     @staticmethod
     def _audit(db: sqlite3.Connection, actor: str, action: str, subject: str, outcome: str,
                detail: str) -> None:
+        # Subjects and details can come from the network: printable, bounded.
         db.execute("INSERT INTO audit (ts, actor, action, subject, outcome, detail) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), actor, action, subject, outcome,
-                                                 detail))
+                   "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), _clean(actor, 80), action,
+                                                 _clean(subject, 80), outcome,
+                                                 _clean(detail, 500)))
 
     def audit_log(self, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT id, ts, actor, action, subject, outcome, detail FROM "
@@ -199,3 +201,7 @@ class Registry:
 def _hospital(row: tuple[Any, ...]) -> Hospital:
     name, node_key, identity_key, node_id, enrolled, revoked = row
     return Hospital(name, node_key, identity_key, int(node_id), enrolled, revoked)
+
+
+def _clean(text: str, limit: int) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])

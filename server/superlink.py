@@ -21,13 +21,25 @@ FLWR_TIMEOUT_S = 60.0
 
 
 def superlink_argv(home: CoordinatorHome, settings: CoordinatorSettings) -> list[str]:
+    """The SuperLink in process-isolation mode: its ServerApp tasks go only to a claimant
+    holding the secret (superexec_argv). Its Runtime API shares the public port with the Fleet
+    API, so in Flower's default mode any host reaching the port could claim a run's ServerApp
+    task and drive the run."""
     tls = home.tls
     return [executable("flower-superlink"),
             "--ssl-certfile", str(tls / "server.pem"), "--ssl-keyfile", str(tls / "server.key"),
             "--ssl-ca-certfile", str(tls / "ca.pem"),
             "--enable-supernode-auth", "--database", str(home.superlink_db),
             "--disable-runtime-dependency-installation",
+            "--isolation", "process", "--superexec-auth-secret-file", str(home.superexec_secret),
             "--host", settings.bind, "--port", str(settings.port)]
+
+
+def superexec_argv(home: CoordinatorHome, settings: CoordinatorSettings) -> list[str]:
+    """Flower's executor of ServerApp tasks, claiming them with the secret, over TLS."""
+    return [executable("flower-superexec"), "--runtime-api-address",
+            f"127.0.0.1:{settings.port}", "--root-certificates", str(home.tls / "ca.pem"),
+            "--superexec-auth-secret-file", str(home.superexec_secret)]
 
 
 def flwr(home: CoordinatorHome, *args: str, cwd: Path | None = None) -> dict[str, Any]:
