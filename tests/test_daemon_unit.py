@@ -38,6 +38,7 @@ def _enroll(registry: Registry, token: str, name: str, i: int) -> int:
 def test_token_is_one_time_and_stored_only_as_a_hash(registry: Registry, tmp_path: Path
                                                       ) -> None:
     token = registry.new_token("h1", 60, "op")
+    assert token.startswith("fmt_")  # never '-': a command line would take it for an option
     assert _enroll(registry, token, "h1", 1) == 1001
     assert token.encode() not in (tmp_path / "registry.db").read_bytes()
     with pytest.raises(EnrollmentRefused, match="already used"):
@@ -217,3 +218,37 @@ def test_only_code_free_bundles_naming_the_installed_clientapp_run(tmp_path: Pat
     assert bundle_problem(content, digest, digest) is None
     junk = hashlib.sha256(b"not a zip").hexdigest()
     assert "unreadable" in str(bundle_problem(b"not a zip", junk, junk))
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize(("secure", "rnd", "match"), [
+    (True, 1, "declared secure but this message is not"),
+    (False, 3, "round 3 is outside the run's 2 rounds")])
+def test_a_lying_coordinator_gets_a_refusal_not_the_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secure: bool, rnd: int,
+        match: str) -> None:
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    import fedmri.client.app as client_app
+    from fedmri.proto import wire
+
+    cfg = RunConfig(secure=secure, rounds=2)
+    model = torch.nn.Linear(2, 2)
+
+    class Split:
+        train, val = [1, 2], [1]
+
+    def setup(msg: Message, context: Context) -> tuple[object, ...]:
+        return NodeConfig(hospital="h1"), cfg, model, Split(), 0.0
+
+    monkeypatch.setattr(client_app, "_setup", setup)
+    # A train message with no secure-aggregation records, for a run declared secure; or a
+    # round beyond the run's.
+    content = RecordDict({wire.CONFIG: ConfigRecord({**cfg.to_dict(), wire.ROUND: rnd}),
+                          wire.ARRAYS: ArrayRecord(model.state_dict())})
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    ctx = Context(run_id=42, node_id=1, node_config={}, state=RecordDict(),
+                  run_config=cfg.to_dict())
+    with pytest.raises(RunRefused, match=match):
+        client_app.train(msg, ctx)
