@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.client.home import MEMBER_POLICIES, HospitalHome, HospitalSettings
+from fedmri.common.cli import home_command
 
 
 def init(home: HospitalHome, coordinator: str, token: str, ca_fingerprint: str, name: str,
@@ -147,11 +148,8 @@ def _enrolled(home: HospitalHome, settings: HospitalSettings, problems: list[str
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedmri client",
-                                     description="The hospital daemon and its set-up.")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="keys, config and state (default ~/.fedmri/client)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = home_command("fedmri client", "The hospital daemon and its set-up.",
+                               "~/.fedmri/client")
     p = sub.add_parser("init", help="make keys and enroll with the coordinator")
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT",
                    help="the coordinator's enrollment service")

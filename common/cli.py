@@ -8,8 +8,10 @@ module is imported only when that subcommand runs, so
 
 from __future__ import annotations
 
+import argparse
 import sys
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 SUMMARIES = {
     "data": "inspect a hospital's DICOM folder (data scan DIR [--json])",
@@ -26,6 +28,16 @@ SUMMARIES = {
 
 
 BENCH_GROUP = "fedmri.bench"
+
+
+def home_command(prog: str, description: str, default_home: str
+                 ) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser of a command that keeps its state in `--home DIR` and has subcommands
+    (`fedmri server`, `fedmri run`, `fedmri client`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--home", type=Path, default=None,
+                        help=f"keys, config and state (default {default_home})")
+    return parser, parser.add_subparsers(dest="command", required=True)
 
 
 def _commands(group: str = "fedmri.commands") -> dict[str, EntryPoint]:

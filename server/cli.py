@@ -15,10 +15,10 @@ import secrets
 import signal
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fedmri.common.cli import home_command
 from fedmri.server.home import CoordinatorHome, CoordinatorSettings
 
 log = logging.getLogger("fedmri.server")
@@ -197,11 +197,8 @@ def _print_status(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedmri server",
-                                     description="The coordinator: CA, SuperLink, enrollment.")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="keys, config and state (default ~/.fedmri/server)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = home_command("fedmri server", "The coordinator: CA, SuperLink, enrollment.",
+                               "~/.fedmri/server")
     p = sub.add_parser("init", help="make the CA, the server certificate and the config")
     p.add_argument("--name", required=True, help="the federation's name")
     p.add_argument("--host", action="append", required=True, dest="hosts",

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedmri.common.cli import home_command
 from fedmri.common.config import add_run_config_args, run_config_from_args
 from fedmri.server.home import CoordinatorHome
 
@@ -14,11 +15,8 @@ from fedmri.server.home import CoordinatorHome
 def main(argv: list[str]) -> int:
     from fedmri.server.cli import _actor
 
-    parser = argparse.ArgumentParser(prog="fedmri run",
-                                     description="Start, watch and stop federated runs.")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="the coordinator's home (default ~/.fedmri/server)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = home_command("fedmri run", "Start, watch and stop federated runs.",
+                               "~/.fedmri/server")
     p = sub.add_parser("start", help="submit a run to the SuperLink")
     p.add_argument("--min-nodes", type=int, default=None,
                    help="hospitals the first round waits for (default: every member)")

@@ -131,6 +131,10 @@ def test_a_changed_key_is_never_taken_over_and_a_leaver_is_dropped(tmp_path: Pat
                                                                       "key-changed"]
     members.update(home, settings, {"h1": b"\x01" * 32})
     assert set(members.accepted(home)) == {"h1"}
+    # Malformed entries from a lying coordinator are ignored, never fatal, never accepted.
+    changes = members.update(home, settings, {"h1": b"\x01" * 32, "h4\nh1": b"\x04" * 32,
+                                              "h5": b"short"})
+    assert set(members.accepted(home)) == {"h1"} and sum("malformed" in c for c in changes) == 2
 
 
 def test_fingerprint_is_short_and_typo_tolerant() -> None:
@@ -204,6 +208,9 @@ def _bundle(tmp_path: Path, clientapp: str = "fedmri.client.app:app",
 
 def test_only_code_free_bundles_naming_the_installed_clientapp_run(tmp_path: Path) -> None:
     import hashlib
+    import io
+    import warnings
+    import zipfile
 
     from fedmri.client.executor import bundle_problem
 
@@ -216,6 +223,14 @@ def test_only_code_free_bundles_naming_the_installed_clientapp_run(tmp_path: Pat
     assert "carries code (fedmri_app.py)" in str(bundle_problem(content, digest, digest))
     content, digest = _bundle(tmp_path / "c", module='"""Doc."""\napp = None\n')
     assert bundle_problem(content, digest, digest) is None
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as bundle, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it writes
+        for name in ("pyproject.toml", "pyproject.toml"):
+            bundle.writestr(name, '[tool.flwr.app.components]\nclientapp = "x:app"\n')
+    twice = data.getvalue()
+    digest = hashlib.sha256(twice).hexdigest()
+    assert "holds a file twice" in str(bundle_problem(twice, digest, digest))
     junk = hashlib.sha256(b"not a zip").hexdigest()
     assert "unreadable" in str(bundle_problem(b"not a zip", junk, junk))
 
