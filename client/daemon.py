@@ -15,12 +15,12 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fedmri.client.executor import executor_argv, supernode_args
 from fedmri.client.home import HospitalHome, HospitalSettings
 from fedmri.common.checkpoint import save_json, write_private
 from fedmri.common.processes import Supervisor, executable, flower_env, free_port
@@ -42,18 +42,13 @@ def node_config(home: HospitalHome, settings: HospitalSettings) -> NodeConfig:
 
 def supernode_argv(home: HospitalHome, settings: HospitalSettings, runtime_port: int
                    ) -> list[str]:
-    isolation = (["--isolation", "process", "--superexec-auth-secret-file",
-                  str(home.executor_secret)] if settings.executor else [])
+    isolation = supernode_args(home.executor_secret) if settings.executor else []
     return [executable("flower-supernode"), "--root-certificates", str(home.ca_cert),
             "--superlink", settings.superlink,
             "--auth-supernode-private-key", str(home.node_key),
             "--node-config", node_config(home, settings).to_node_config_arg(),
             *isolation, "--host", "127.0.0.1", "--port", str(runtime_port)]
 
-
-def executor_argv(home: HospitalHome, runtime_port: int) -> list[str]:
-    return [sys.executable, "-m", "fedmri.client.executor", "--runtime",
-            f"127.0.0.1:{runtime_port}", "--secret-file", str(home.executor_secret)]
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -104,8 +99,10 @@ class Daemon:
                                      env=env)
                     # The executor takes the SuperNode's tasks; without it, Flower's
                     # per-message processes do (settings.executor = false).
-                    executor = (sup.start("executor", executor_argv(self.home, port), env=env)
-                                if self.settings.executor else node)
+                    executor = node
+                    if self.settings.executor:
+                        executor = sup.start(
+                            "executor", executor_argv(port, self.home.executor_secret), env=env)
                     up_since = time.monotonic()
                     log.info("event=supernode_started hospital=%s pid=%d superlink=%s "
                              "executor=%s", self.settings.hospital, node.pid,

@@ -44,6 +44,17 @@ HEARTBEAT_S = 15.0  # Flower fails a task after 60 s without one
 IDLE_POLL_S = 0.2
 
 
+def supernode_args(secret_file: Path) -> list[str]:
+    """What a SuperNode needs so that only this executor, holding the secret, takes its
+    tasks (its task API stays on 127.0.0.1: --host, the default)."""
+    return ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+
+
+def executor_argv(runtime_port: int, secret_file: Path) -> list[str]:
+    return [sys.executable, "-m", "fedmri.client.executor", "--runtime",
+            f"127.0.0.1:{runtime_port}", "--secret-file", str(secret_file)]
+
+
 def bundle_problem(content: bytes, fab_hash: str, run_fab_hash: str) -> str | None:
     """Why this app bundle must not run here, or None. Accepted: a pyproject naming
     APPROVED_CLIENTAPP, Flower's .info/ manifest, and Python files without code (docstrings,

@@ -54,6 +54,9 @@ class SimulateOptions:
     tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
     # Ranks splitting each volume in depth, per hospital name ("*": every hospital).
     tp: dict[str, int] = field(default_factory=dict)
+    # Each hospital's messages in fedmri's long-lived executor, as the hospital daemon runs
+    # them; False: Flower's per-message ClientApp processes.
+    executor: bool = True
 
 
 def describe(event: Event) -> str | None:
@@ -127,7 +130,7 @@ def run_simulation(opts: SimulateOptions,
     fed_started = time.perf_counter()
     outcome = run_deployment(
         Deployment(home=out / ".flwr", workdir=out, nodes=nodes, tls=opts.tls,
-                   timeout_s=opts.timeout_s),
+                   timeout_s=opts.timeout_s, executor=opts.executor),
         FlowerApp("fedmri.server.app:app", "fedmri.client.app:app", run_config), poll)
     if isinstance(outcome, Failed):
         raise RuntimeError(f"the federation failed: {outcome.error} (logs in {out / 'logs'})")

@@ -72,6 +72,10 @@ def main(argv: list[str]) -> int:
                         help="worker processes that split each volume in depth (spatial tensor "
                              "parallelism): P for every hospital, or per hospital, e.g. "
                              "hospital-1=2")
+    parser.add_argument("--per-message-processes", action="store_true",
+                        help="run each hospital's messages in Flower's fresh per-message "
+                             "processes instead of fedmri's long-lived executor (as the "
+                             "hospital daemon runs them)")
     add_run_config_args(parser)  # --seed seeds the cohort too
     args = parser.parse_args(argv)
     if args.hospitals < 1:
@@ -92,7 +96,8 @@ def main(argv: list[str]) -> int:
 
     opts = SimulateOptions(out=args.out, hospitals=args.hospitals, subjects=args.subjects,
                            seed=cfg.seed, data=args.data, timeout_s=args.timeout, config=cfg,
-                           tls=not args.insecure, stage_timeout_s=args.stage_timeout, tp=tp)
+                           tls=not args.insecure, stage_timeout_s=args.stage_timeout, tp=tp,
+                           executor=not args.per_message_processes)
 
     def work() -> dict[str, Any]:
         if sys.stdout.isatty():
