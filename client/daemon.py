@@ -14,16 +14,20 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fedmri.client.executor import executor_argv, supernode_args
 from fedmri.client.home import HospitalHome, HospitalSettings
 from fedmri.common.checkpoint import save_json, write_private
-from fedmri.common.processes import Supervisor, executable, flower_env, free_port
+from fedmri.common.processes import (
+    Supervisor,
+    executable,
+    flower_env,
+    free_port,
+    interrupt_on_sigterm,
+)
 from fedmri.proto.node_config import NodeConfig
 
 log = logging.getLogger("fedmri.client")
@@ -49,10 +53,6 @@ def supernode_argv(home: HospitalHome, settings: HospitalSettings, runtime_port:
             "--node-config", node_config(home, settings).to_node_config_arg(),
             *isolation, "--host", "127.0.0.1", "--port", str(runtime_port)]
 
-
-
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class Daemon:
@@ -81,17 +81,22 @@ class Daemon:
             return
         members.update(self.home, self.settings, offered)
 
+    def _refresh_due(self, due: float) -> float:
+        """Refresh the member list if `due` has passed; when the next refresh is due."""
+        if time.monotonic() < due:
+            return due
+        self.refresh_members()
+        return time.monotonic() + MEMBERS_EVERY_S
+
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, _stop)
+        interrupt_on_sigterm()
         env = flower_env({"FLWR_HOME": str(self.home.root / "flwr")})
         backoff = 1.0
         next_members = 0.0
         try:
             with Supervisor(self.home.logs) as sup:
                 while True:
-                    if time.monotonic() >= next_members:
-                        self.refresh_members()
-                        next_members = time.monotonic() + MEMBERS_EVERY_S
+                    next_members = self._refresh_due(next_members)
                     port = free_port()
                     if self.settings.executor:
                         write_private(self.home.executor_secret, secrets.token_bytes(32))
@@ -109,9 +114,7 @@ class Daemon:
                              self.settings.superlink, executor.pid)
                     self._status("running", supernode_pid=node.pid, executor_pid=executor.pid)
                     while node.poll() is None and executor.poll() is None:
-                        if time.monotonic() >= next_members:
-                            self.refresh_members()
-                            next_members = time.monotonic() + MEMBERS_EVERY_S
+                        next_members = self._refresh_due(next_members)
                         time.sleep(0.5)
                     sup.stop_all()
                     if time.monotonic() - up_since > STABLE_S:

@@ -10,13 +10,12 @@ import argparse
 import json
 import logging
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from fedmri.client.home import MEMBER_POLICIES, HospitalHome, HospitalSettings
-from fedmri.common.cli import home_command
+from fedmri.common.cli import home_command, report_errors
 
 
 def init(home: HospitalHome, coordinator: str, token: str, ca_fingerprint: str, name: str,
@@ -184,16 +183,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     home = HospitalHome.at(args.home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        return _dispatch(args, home)
-    except Exception as err:
-        from fedmri.client.enroll import EnrollmentError
-
-        if not isinstance(err, (EnrollmentError, FileNotFoundError, FileExistsError,
-                                ValueError, RuntimeError)):
-            raise
-        print(f"fedmri client {args.command}: {err}", file=sys.stderr)
-        return 1
+    return report_errors(f"fedmri client {args.command}", lambda: _dispatch(args, home))
 
 
 def _dispatch(args: argparse.Namespace, home: HospitalHome) -> int:

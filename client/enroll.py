@@ -26,7 +26,7 @@ from fedmri.proto import enrollment_pb2_grpc as pb_grpc
 TIMEOUT_S = 30.0
 
 
-class EnrollmentError(Exception):
+class EnrollmentError(RuntimeError):
     """Enrollment or a member-list request failed; the message says why and what to do."""
 
 

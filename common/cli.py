@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
@@ -38,6 +39,18 @@ def home_command(prog: str, description: str, default_home: str
     parser.add_argument("--home", type=Path, default=None,
                         help=f"keys, config and state (default {default_home})")
     return parser, parser.add_subparsers(dest="command", required=True)
+
+
+# What a command reports as one line and exit code 1, rather than a traceback.
+OPERATOR_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+
+
+def report_errors(prog: str, work: Callable[[], int]) -> int:
+    try:
+        return work()
+    except OPERATOR_ERRORS as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
 
 
 def _commands(group: str = "fedmri.commands") -> dict[str, EntryPoint]:

@@ -38,6 +38,16 @@ FLOWER_ENV = {
 }
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (KeyboardInterrupt), so `finally` blocks and supervisors
+    stop every process a command started."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def become_subreaper() -> bool:
     if not sys.platform.startswith("linux"):
         return False

@@ -17,14 +17,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 import psutil
 
 from fedmri.client.executor import executor_argv, supernode_args
 from fedmri.common.checkpoint import write_private
-from fedmri.common.processes import Supervisor, executable, flower_env, free_port, wait_for_port
+from fedmri.common.processes import (
+    Supervisor,
+    executable,
+    flower_env,
+    free_port,
+    interrupt_on_sigterm,
+    wait_for_port,
+)
 from fedmri.proto.node_config import NodeConfig
 from fedmri.server.flower_app import FlowerApp, write_flower_app
 
@@ -141,18 +147,13 @@ def run_deployment(dep: Deployment, app: FlowerApp, poll: Callable[[], T | None]
     return outcome
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the supervisor stops every process it started.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_guarded(prog: str, work: Callable[[], T]) -> tuple[T | None, int]:
     """A command's deployment work: (result, 0), or (None, exit code) once it said why.
 
     SIGTERM and Ctrl-C stop every started process (130); a run that failed, timed out or was
     misconfigured prints one line naming the cause (1).
     """
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     # A shell starts background jobs with SIGINT ignored; Ctrl-C must still stop the run.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

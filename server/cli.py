@@ -12,14 +12,15 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedmri.common.cli import home_command
+from fedmri.common.cli import home_command, report_errors
 from fedmri.server.home import CoordinatorHome, CoordinatorSettings
+
+if TYPE_CHECKING:
+    from fedmri.server.registry import Registry
 
 log = logging.getLogger("fedmri.server")
 
@@ -70,32 +71,31 @@ def init(home: CoordinatorHome, name: str, hosts: list[str], port: int, enroll_p
     return ca_fingerprint(files.ca_cert.read_bytes())
 
 
-def _registry(home: CoordinatorHome) -> Any:
+def _registry(home: CoordinatorHome) -> Registry:
     from fedmri.server.registry import Registry
 
     home.require()
     return Registry(home.registry)
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def start(home: CoordinatorHome) -> int:
     """The SuperLink and the enrollment service, in the foreground until SIGTERM/Ctrl-C or
     until the SuperLink exits (then exit 1, for systemd or the container to restart us)."""
     from fedmri.common.checkpoint import save_json, write_private
-    from fedmri.common.identity import save_pinned
-    from fedmri.common.processes import Supervisor, flower_env, wait_for_port
+    from fedmri.common.processes import (
+        Supervisor,
+        flower_env,
+        interrupt_on_sigterm,
+        wait_for_port,
+    )
     from fedmri.server import superlink
     from fedmri.server.enrollment import EnrollmentService, serve
     from fedmri.server.runs import RoundAuditor
 
     settings = home.require()
     registry = _registry(home)
-    save_pinned(home.members, registry.members())
-    signal.signal(signal.SIGTERM, _stop)
-    service = EnrollmentService(home, settings, registry,
+    interrupt_on_sigterm()
+    service = EnrollmentService(settings, registry,
                                 lambda key, name: superlink.register_node(home, key, name),
                                 lambda node: superlink.unregister_node(home, node))
     grpc_server = None
@@ -136,17 +136,17 @@ def start(home: CoordinatorHome) -> int:
         registry.close()
 
 
-def _unregister_revoked(home: CoordinatorHome, registry: Any) -> None:
+def _unregister_revoked(home: CoordinatorHome, registry: Registry) -> None:
     """Hospitals revoked while the SuperLink was down lose their node key now."""
     from fedmri.server import superlink
 
-    for h in registry.hospitals():
-        if h.revoked is not None:
-            try:
-                superlink.unregister_node(home, h.node_id)
-                log.info("event=node_unregistered hospital=%s node=%d", h.name, h.node_id)
-            except RuntimeError:
-                pass  # already unregistered
+    for node_id in registry.pending_unregisters():
+        try:
+            superlink.unregister_node(home, node_id)
+            log.info("event=node_unregistered node=%d", node_id)
+        except RuntimeError as err:
+            log.warning("event=node_unregister_failed node=%d error=%r", node_id, str(err))
+        registry.unregistered(node_id)
 
 
 def status(home: CoordinatorHome) -> dict[str, Any]:
@@ -221,11 +221,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     home = CoordinatorHome.at(args.home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        return _dispatch(args, home)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        print(f"fedmri server {args.command}: {err}", file=sys.stderr)
-        return 1
+    return report_errors(f"fedmri server {args.command}", lambda: _dispatch(args, home))
 
 
 def _dispatch(args: argparse.Namespace, home: CoordinatorHome) -> int:
@@ -258,17 +254,15 @@ def _dispatch(args: argparse.Namespace, home: CoordinatorHome) -> int:
               f"--name {args.hospital} --token {token} --ca-fingerprint {fp} --data DIR")
         return 0
     if args.command == "revoke":
-        from fedmri.common.identity import save_pinned
         from fedmri.server import superlink
 
         registry = _registry(home)
         running = home.status_file.exists()  # else `server start` unregisters it
         try:
-            registry.revoke(args.hospital, lambda node: superlink.unregister_node(home, node)
+            registry.revoke(args.hospital, (lambda node: superlink.unregister_node(home, node))
                             if running else None, _actor())
         except EnrollmentRefused as err:
             raise ValueError(str(err)) from None
-        save_pinned(home.members, registry.members())
         registry.close()
         print(f"revoked {args.hospital}: its node key is unregistered and it is no longer a "
               "member; hospitals see the change in `fedmri client members`")

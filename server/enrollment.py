@@ -23,11 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedmri.common.fingerprint import members_request_payload
-from fedmri.common.identity import save_pinned
 from fedmri.proto import enrollment_pb2 as pb
 from fedmri.proto import enrollment_pb2_grpc as pb_grpc
 from fedmri.proto.names import check_hospital_name
-from fedmri.server.home import CoordinatorHome, CoordinatorSettings
+from fedmri.server.home import CoordinatorSettings
 from fedmri.server.registry import EnrollmentRefused, Registry
 
 log = logging.getLogger("fedmri.server")
@@ -73,10 +72,10 @@ class _RefusalLimit:
 
 
 class EnrollmentService(pb_grpc.EnrollmentServicer):
-    def __init__(self, home: CoordinatorHome, settings: CoordinatorSettings, registry: Registry,
+    def __init__(self, settings: CoordinatorSettings, registry: Registry,
                  register: Callable[[bytes, str], int],
                  unregister: Callable[[int], None]) -> None:
-        self.home, self.settings, self.registry = home, settings, registry
+        self.settings, self.registry = settings, registry
         self.register, self.unregister = register, unregister
         self.limit = _RefusalLimit()
 
@@ -90,12 +89,15 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
         self.registry.audit(context.peer(), action, subject, "refused", reason)
         context.abort(code, reason)
 
+    def _check_rate(self, context: grpc.ServicerContext) -> None:
+        if self.limit.exceeded(context.peer()):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many refused requests from "
+                          "this address; wait a minute")
+
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext
                ) -> pb.EnrollReply:
         peer = context.peer()
-        if self.limit.exceeded(peer):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many refused requests from "
-                          "this address; wait a minute")
+        self._check_rate(context)
         try:
             hospital = check_hospital_name(request.hospital)
             node_key = check_node_key(request.node_public_key)
@@ -110,8 +112,8 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
                 lambda key: self.register(key, hospital), self.unregister, actor=peer)
         except EnrollmentRefused as err:
             self.limit.count(peer)
-            code = (grpc.StatusCode.ALREADY_EXISTS if "already" in str(err) and "token" not in
-                    str(err) else grpc.StatusCode.PERMISSION_DENIED)
+            code = (grpc.StatusCode.ALREADY_EXISTS if err.conflict
+                    else grpc.StatusCode.PERMISSION_DENIED)
             log.info("event=enroll_refused hospital=%s peer=%s reason=%r", hospital, peer,
                      str(err))
             context.abort(code, str(err))
@@ -123,16 +125,13 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             self.registry.audit(peer, "enroll", hospital, "failed", repr(err))
             context.abort(grpc.StatusCode.INTERNAL, "the coordinator failed to enroll you; "
                           "its operator sees why in `fedmri server audit`")
-        save_pinned(self.home.members, self.registry.members())
         log.info("event=enrolled hospital=%s node=%d peer=%s", hospital, enrolled.node_id, peer)
         return pb.EnrollReply(federation=self.settings.name, fleet_port=self.settings.port,
                               node_id=enrolled.node_id, members=self._members())
 
     def Members(self, request: pb.MembersRequest, context: grpc.ServicerContext
                 ) -> pb.MembersReply:
-        if self.limit.exceeded(context.peer()):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many refused requests from "
-                          "this address; wait a minute")
+        self._check_rate(context)
         found = self.registry.hospital(request.hospital)
         reason = None
         if found is None or found.revoked is not None:

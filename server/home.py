@@ -5,7 +5,6 @@
     tls/server.pem   the SuperLink's and enrollment service's certificate; server.key 0600
     registry.db      tokens (hashed), hospitals, append-only audit log (fedmri.server.registry)
     superlink.db     Flower's SuperLink state: registered node keys, runs
-    members.json     the member list (name -> identity key) runs are started with
     superexec.secret what the ServerApp executor claims tasks with (0600, new at each start)
     flwr/            FLWR_HOME of the `flwr` commands fedmri runs (config.toml)
     runs/RUN/        each run's output: events, checkpoints, global model, report
@@ -58,10 +57,6 @@ class CoordinatorHome:
     @property
     def superlink_db(self) -> Path:
         return self.root / "superlink.db"
-
-    @property
-    def members(self) -> Path:
-        return self.root / "members.json"
 
     @property
     def flwr_home(self) -> Path:

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS hospitals (
     name TEXT PRIMARY KEY, node_key BLOB NOT NULL UNIQUE, identity_key BLOB NOT NULL UNIQUE,
     node_id TEXT NOT NULL, enrolled REAL NOT NULL, revoked REAL);  -- uint64: TEXT
 CREATE TABLE IF NOT EXISTS retired_keys (key BLOB PRIMARY KEY, hospital TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_unregister (node_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, subject TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);
@@ -38,7 +39,12 @@ CREATE TRIGGER IF NOT EXISTS audit_append_only_d BEFORE DELETE ON audit
 
 
 class EnrollmentRefused(Exception):
-    """A request the registry turns down; the message says why and is safe to show."""
+    """A request the registry turns down; the message says why and is safe to show.
+    `conflict`: refused for something already taken (a name, a key), not for the token."""
+
+    def __init__(self, message: str, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.conflict = conflict
 
 
 @dataclass(frozen=True)
@@ -161,24 +167,30 @@ class Registry:
         current = db.execute("SELECT revoked FROM hospitals WHERE name = ?",
                              (hospital,)).fetchone()
         if current is not None and current[0] is None:
-            raise EnrollmentRefused(f"the name {hospital!r} is already enrolled")
+            raise EnrollmentRefused(f"the name {hospital!r} is already enrolled", conflict=True)
         for key, what in ((node_key, "SuperNode key"), (identity_key, "identity key")):
             used_by = db.execute(
                 "SELECT name FROM hospitals WHERE node_key = ? OR identity_key = ? UNION "
                 "SELECT hospital FROM retired_keys WHERE key = ?", (key, key, key)).fetchone()
             if used_by is not None:
                 raise EnrollmentRefused(f"this {what} is already used by {used_by[0]!r}; "
-                                        "make new keys (fedmri client init --force)")
+                                        "make new keys (fedmri client init --force)",
+                                        conflict=True)
 
     def revoke(self, hospital: str, unregister: Any, actor: str) -> Hospital:
-        """Mark `hospital` revoked and `unregister(node_id)` its SuperNode key; its keys can
-        never enroll again."""
+        """Mark `hospital` revoked and `unregister(node_id)` its SuperNode key (None: the
+        SuperLink is down; `server start` unregisters it, see pending_unregisters); its keys
+        can never enroll again."""
         found = self.hospital(hospital)
         if found is None or found.revoked is not None:
             self.audit(actor, "revoke", hospital, "refused", "not enrolled")
             raise EnrollmentRefused(f"{hospital!r} is not an enrolled hospital")
         with self._write() as db:
-            unregister(found.node_id)
+            if unregister is None:
+                db.execute("INSERT OR IGNORE INTO pending_unregister VALUES (?)",
+                           (str(found.node_id),))
+            else:
+                unregister(found.node_id)
             db.execute("UPDATE hospitals SET revoked = ? WHERE name = ?", (time.time(), hospital))
             db.executemany("INSERT OR IGNORE INTO retired_keys VALUES (?, ?)",
                            [(found.node_key, hospital), (found.identity_key, hospital)])
@@ -186,6 +198,14 @@ class Registry:
                        (time.time(), hospital))
             self._audit(db, actor, "revoke", hospital, "ok", f"node {found.node_id}")
         return self.hospital(hospital)  # type: ignore[return-value]
+
+    def pending_unregisters(self) -> list[int]:
+        return [int(row[0]) for row in
+                self._db.execute("SELECT node_id FROM pending_unregister").fetchall()]
+
+    def unregistered(self, node_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM pending_unregister WHERE node_id = ?", (str(node_id),))
 
     def hospital(self, name: str) -> Hospital | None:
         row = self._db.execute("SELECT * FROM hospitals WHERE name = ?", (name,)).fetchone()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from fedmri.common.cli import home_command
+from fedmri.common.cli import home_command, report_errors
 from fedmri.common.config import add_run_config_args, run_config_from_args
 from fedmri.server.home import CoordinatorHome
 
@@ -35,22 +34,14 @@ def main(argv: list[str]) -> int:
             p.add_argument("--out", type=Path, default=Path("."), help="file or folder")
     args = parser.parse_args(argv)
     home = CoordinatorHome.at(args.home)
-    try:
-        return _dispatch(args, home, _actor())
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"fedmri run {args.command}: {err}", file=sys.stderr)
-        return 1
+    return report_errors(f"fedmri run {args.command}", lambda: _dispatch(args, home, _actor()))
 
 
 def _dispatch(args: argparse.Namespace, home: CoordinatorHome, actor: str) -> int:
     from fedmri.server import runs
 
     if args.command == "start":
-        from fedmri.common.identity import load_pinned
-
-        cfg = run_config_from_args(args)
-        members = load_pinned(home.members) if home.members.exists() else {}
-        record = runs.start_run(home, cfg, args.min_nodes or max(1, len(members)),
+        record = runs.start_run(home, run_config_from_args(args), args.min_nodes,
                                 args.node_wait, args.round_timeout, args.stage_timeout, actor)
         print(f"run {record['run']} started (Flower run {record['run_id']}), members "
               f"{', '.join(record['members'])}; watch it: fedmri run status")

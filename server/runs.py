@@ -2,7 +2,7 @@
 
 Each run gets a folder runs/NAME (NAME: UTC start time) that the ServerApp writes its events,
 checkpoints and global model into; run.json there records Flower's run id and the config.
-The run's member list is the coordinator's members.json at submission.
+The run's member list is the registry's members at submission (a copy in the run folder).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from fedmri.server.home import CoordinatorHome
 RUN_RECORD = "run.json"
 
 
-def start_run(home: CoordinatorHome, cfg: RunConfig, min_nodes: int, node_wait_s: float,
-              round_timeout_s: float, stage_timeout_s: float, actor: str) -> dict[str, Any]:
-    from fedmri.common.identity import load_pinned
+def start_run(home: CoordinatorHome, cfg: RunConfig, min_nodes: int | None,
+              node_wait_s: float, round_timeout_s: float, stage_timeout_s: float,
+              actor: str) -> dict[str, Any]:
+    """Submit a run; `min_nodes` None waits for every member."""
+    from fedmri.common.identity import save_pinned
     from fedmri.server import superlink
     from fedmri.server.registry import Registry
 
@@ -34,23 +36,25 @@ def start_run(home: CoordinatorHome, cfg: RunConfig, min_nodes: int, node_wait_s
     if not home.status_file.exists():
         raise RuntimeError(f"the coordinator is not running (start it: fedmri server start "
                            f"--home {home.root})")
-    members = load_pinned(home.members) if home.members.exists() else {}
+    registry = Registry(home.registry)
+    members = registry.members()
     if cfg.secure and len(members) < 2:
+        registry.close()
         raise ValueError(f"secure aggregation needs at least 2 enrolled hospitals; "
                          f"{len(members)} enrolled")
+    min_nodes = min_nodes or max(1, len(members))
     name = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = home.runs / name
     out.mkdir(parents=True)
     # The run keeps its own copy: later enrollments do not change a running federation.
     pinned = out / files.PINNED_KEYS
-    shutil.copy(home.members, pinned)
+    save_pinned(pinned, members)
     settings = ServerSettings(out_dir=out, min_nodes=min_nodes, node_wait_s=node_wait_s,
                               round_timeout_s=round_timeout_s, stage_timeout_s=stage_timeout_s,
                               pinned_keys=pinned)
     app_dir = out / "app"
     write_flower_app(app_dir, FlowerApp("fedmri.server.app:app", "fedmri.client.app:app",
                                         {**cfg.to_dict(), **settings.to_run_config()}))
-    registry = Registry(home.registry)
     try:
         answer = superlink.flwr(home, "run", str(app_dir), "fedmri", cwd=out)
     except RuntimeError as err:

@@ -48,23 +48,23 @@ def flwr(home: CoordinatorHome, *args: str, cwd: Path | None = None) -> dict[str
     done = subprocess.run([executable("flwr"), *args, "--format", "json"], capture_output=True,
                           text=True, timeout=FLWR_TIMEOUT_S, cwd=cwd, check=False,
                           env=flower_env({"FLWR_HOME": str(home.flwr_home)}))
-    answer: dict[str, Any] = {}
-    for line in reversed(done.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                answer = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                continue
-    if not answer:
-        try:
-            answer = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            answer = {}
+    answer = _json_answer(done.stdout)
     if done.returncode != 0 or answer.get("success") is False:
         reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-500:]
         raise RuntimeError(f"flwr {' '.join(args[:2])} failed: {reason}")
     return answer
+
+
+def _json_answer(stdout: str) -> dict[str, Any]:
+    """Flower's JSON answer: the whole output, or its last JSON line after log lines."""
+    for text in (stdout, *reversed(stdout.splitlines())):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
 
 
 def register_node(home: CoordinatorHome, ssh_public_key: bytes, name: str) -> int:

@@ -267,3 +267,11 @@ def test_a_lying_coordinator_gets_a_refusal_not_the_weights(
                   run_config=cfg.to_dict())
     with pytest.raises(RunRefused, match=match):
         client_app.train(msg, ctx)
+
+
+def test_a_revocation_while_the_superlink_is_down_is_queued(registry: Registry) -> None:
+    _enroll(registry, registry.new_token("h1", 60, "op"), "h1", 1)
+    registry.revoke("h1", None, "op")
+    assert registry.members() == {} and registry.pending_unregisters() == [1001]
+    registry.unregistered(1001)
+    assert registry.pending_unregisters() == []

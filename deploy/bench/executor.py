@@ -16,9 +16,11 @@ import json
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedmri.client.home import HospitalHome
 from fedmri.deploy.topology import LocalFederation, ok
 
 HOSPITALS = ("hospital-1", "hospital-2")
@@ -46,11 +48,8 @@ def measure(root: Path, rounds: int, size: int, subjects: int) -> dict[str, Any]
                 raise RuntimeError(done.stderr)
         for variant, executor in VARIANTS.items():
             for hospital in HOSPITALS:
-                config = fed.home(hospital) / "client.toml"
-                lines = [ln for ln in config.read_text().splitlines()
-                         if not ln.startswith("executor =")]
-                config.write_text("\n".join([*lines, f"executor = {str(executor).lower()}"])
-                                  + "\n")
+                home = HospitalHome(fed.home(hospital))
+                home.write_config(replace(home.require(), executor=executor))
                 fed.start_hospital(hospital)
             fed.wait_online(len(HOSPITALS))
             fed.run("--rounds", str(rounds), "--size", str(size), "--local-epochs", "1",
