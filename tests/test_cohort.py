@@ -121,6 +121,24 @@ def test_same_seed_same_cohort_other_seed_differs(made: tuple[Path, str], tmp_pa
     assert not np.array_equal(_pixels(subjects["sub-001"]), _pixels(subjects["sub-002"]))
 
 
+def test_one_site_alone_is_that_site_of_the_whole_cohort(
+    made: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`synth --site`: what one hospital's own data volume holds in Compose."""
+    out, _ = made
+    alone = tmp_path / "alone"
+    args = ["--hospitals", "1", "--subjects", "2", "--seed", str(SEED), "--quiet", "--out"]
+    assert synth_cli.main([*args, str(alone), "--site", "test-site"]) == 0
+    assert sorted(p.name for p in alone.iterdir()) == ["cohort.json", "test-site"]
+    whole, single = _series(out / "test-site"), _series(alone / "test-site")
+    assert whole.keys() == single.keys() == {"sub-001", "sub-002"}
+    for subject in whole:
+        assert np.array_equal(_pixels(whole[subject]), _pixels(single[subject]))
+        assert _uids(whole[subject]) == _uids(single[subject])
+    assert synth_cli.main([*args, str(tmp_path / "bad"), "--site", "hospital-7"]) == 1
+    assert "site 'hospital-7' is not in this cohort" in capsys.readouterr().err
+
+
 def test_client_accepts_series_and_labels(made: tuple[Path, str]) -> None:
     from fedmri.client.dataset import load_cases
     from fedmri.client.dicom import scan

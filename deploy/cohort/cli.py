@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write into a non-empty DIR, replacing an earlier cohort there",
     )
+    p.add_argument(
+        "--site",
+        default=None,
+        metavar="NAME",
+        help="write only this site (hospital-N or test-site) of the cohort, as the whole "
+        "cohort would hold it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -110,14 +117,16 @@ def main(argv: list[str]) -> int:
             print(msg, flush=True)
 
     try:
-        manifest = generate_cohort(out, args.hospitals, args.subjects, args.seed, progress=progress)
+        manifest = generate_cohort(
+            out, args.hospitals, args.subjects, args.seed, progress=progress, site=args.site
+        )
     except ProfileError as exc:  # raised before anything is written
         print(f"fedmri synth: {exc}", file=err)
         return 1
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"fedmri synth: {exc}; the cohort in {out} is incomplete (no cohort.json)", file=err)
         return 1
-    sites = ", ".join(manifest["hospitals"] + [manifest["test_site"]])
+    sites = ", ".join(s["name"] for s in manifest["sites"])
     print(f"cohort seed={args.seed} sites={sites} subjects={len(manifest['subjects'])} out={out}")
     return 0
 

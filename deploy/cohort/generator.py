@@ -112,9 +112,12 @@ def generate_cohort(
     subjects: int,
     seed: int,
     progress: Callable[[str], None] | None = None,
+    site: str | None = None,
 ) -> dict[str, Any]:
     """Write `hospitals` training sites and one held-back `test-site`, each with `subjects`
-    subjects, under `out`; return the manifest (also written last as out/cohort.json)."""
+    subjects, under `out`; return the manifest (also written last as out/cohort.json).
+    With `site`, only that site of the same cohort (each site's images depend on the seed
+    and the site only): what one hospital's own data volume holds in Compose."""
     if hospitals < 1:
         raise ValueError(f"need at least 1 hospital, got {hospitals}")
     if subjects < 1:
@@ -128,6 +131,11 @@ def generate_cohort(
         for i in range(1, hospitals + 1)
     ]
     sites.append((TEST_SITE, 0, "test", profiles.test))
+    if site is not None:
+        known = [name for name, *_ in sites]
+        if site not in known:
+            raise ValueError(f"site {site!r} is not in this cohort ({', '.join(known)})")
+        sites = [entry for entry in sites if entry[0] == site]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
