@@ -55,18 +55,36 @@ def supernode_argv(home: HospitalHome, settings: HospitalSettings, runtime_port:
 
 
 
+def data_problem(folder: Path) -> str | None:
+    """Why the data folder cannot feed training, as far as a quick look tells (the full
+    scan is `fedmri client check`); None when it holds files to read."""
+    def fail(err: OSError) -> None:
+        raise err
+
+    try:
+        if not folder.is_dir():
+            return f"data folder {folder} is missing or not a folder"
+        for _root, _dirs, names in os.walk(folder, onerror=fail):
+            if names:
+                return None
+        return f"data folder {folder} holds no files"
+    except OSError as err:
+        return f"data folder {folder} cannot be read: {err}"
+
+
 class Daemon:
     def __init__(self, home: HospitalHome) -> None:
         self.home = home
         self.settings = home.require()
         self.restarts = 0
         self.started = time.time()
+        self.data_problem: str | None = None
 
     def _status(self, state: str, **extra: Any) -> None:
         save_json(self.home.status_file, {
             "pid": os.getpid(), "hospital": self.settings.hospital, "state": state,
             "started": self.started, "restarts": self.restarts, "updated": time.time(),
-            **extra})
+            "data_problem": self.data_problem, **extra})
 
     def refresh_members(self) -> None:
         from fedmri.client import members
@@ -91,6 +109,16 @@ class Daemon:
     def run(self) -> int:
         interrupt_on_sigterm()
         env = flower_env({"FLWR_HOME": str(self.home.root / "flwr")})
+        # Unusable data does not stop the daemon: it stays connected, and each round it is
+        # asked to train in, its ClientApp answers with the reason (the round goes on).
+        self.data_problem = data_problem(self.settings.data)
+        if not self.settings.executor:
+            log.warning("event=unsafe_executor_off hospital=%s: executor = false: Flower's "
+                        "per-message processes run the ClientApp code of the coordinator's "
+                        "run bundle; for comparisons only", self.settings.hospital)
+        if self.data_problem:
+            log.warning("event=data_unusable hospital=%s problem=%r", self.settings.hospital,
+                        self.data_problem)
         backoff = 1.0
         next_members = 0.0
         try:

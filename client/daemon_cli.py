@@ -11,16 +11,45 @@ import json
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedmri.client.home import MEMBER_POLICIES, HospitalHome, HospitalSettings
+from fedmri.client.run_approval import RunPolicy
 from fedmri.common.cli import home_command, report_errors
 
 
+@dataclass(frozen=True)
+class InitOptions:
+    threads: int = 0
+    tp: int = 1
+    member_policy: str = "manual"
+    policy: RunPolicy = RunPolicy()
+    executor: bool = True
+
+
+def _enrolment(args: argparse.Namespace) -> tuple[str, str, str, str]:
+    """(coordinator, token, CA fingerprint, name) from the flags or the ticket."""
+    from fedmri.proto.ticket import Ticket
+
+    ticket = Ticket.read(args.ticket) if args.ticket else None
+    if ticket and args.ca_fingerprint and args.ca_fingerprint != ticket.ca_fingerprint:
+        raise ValueError(f"the ticket's CA fingerprint {ticket.ca_fingerprint} is not the one "
+                         f"you were given ({args.ca_fingerprint}): do not use this ticket")
+    values = (args.coordinator or (ticket and ticket.coordinator),
+              args.token or (ticket and ticket.token),
+              args.ca_fingerprint or (ticket and ticket.ca_fingerprint),
+              args.name or (ticket and ticket.hospital))
+    missing = [flag for flag, v in zip(("--coordinator", "--token", "--ca-fingerprint",
+                                        "--name"), values, strict=True) if not v]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (give them or --ticket FILE)")
+    return values  # type: ignore[return-value]
+
+
 def init(home: HospitalHome, coordinator: str, token: str, ca_fingerprint: str, name: str,
-         data: Path, threads: int, tp: int, member_policy: str, approve_runs: str,
-         force: bool) -> list[str]:
+         data: Path, opts: InitOptions, force: bool) -> list[str]:
     """Make this hospital's keys, enroll, store the CA, the member list and the config."""
     from fedmri.client import members
     from fedmri.client.enroll import enroll, fetch_ca, make_node_key, split_address
@@ -45,16 +74,14 @@ def init(home: HospitalHome, coordinator: str, token: str, ca_fingerprint: str, 
     host, _ = split_address(coordinator)
     settings = HospitalSettings(hospital=name, federation=done.federation,
                                 superlink=f"{host}:{done.fleet_port}", enrollment=coordinator,
-                                data=data.resolve(), threads=threads, tp=tp,
-                                member_policy=member_policy)
+                                data=data.resolve(), threads=opts.threads, tp=opts.tp,
+                                member_policy=opts.member_policy, executor=opts.executor)
     home.write_config(settings)
     from fedmri.common.identity import save_pinned
 
     save_pinned(home.members, {name: identity_public})
-    from fedmri.client.run_approval import RunPolicy
-
     if force or not home.policy.exists():
-        RunPolicy(approve=approve_runs).write(home.policy)
+        opts.policy.write(home.policy)
     home.runs.mkdir(exist_ok=True)
     return members.update(home, settings, done.members)
 
@@ -150,12 +177,15 @@ def main(argv: list[str]) -> int:
     parser, sub = home_command("fedmri client", "The hospital daemon and its set-up.",
                                "~/.fedmri/client")
     p = sub.add_parser("init", help="make keys and enroll with the coordinator")
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT",
+    p.add_argument("--ticket", type=Path, default=None,
+                   help="an enrollment ticket (`fedmri server token --out`): coordinator, "
+                        "token, CA fingerprint and name; the flags below override it")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="the coordinator's enrollment service")
-    p.add_argument("--token", required=True, help="the one-time token from the coordinator")
-    p.add_argument("--ca-fingerprint", required=True,
+    p.add_argument("--token", help="the one-time token from the coordinator")
+    p.add_argument("--ca-fingerprint",
                    help="the coordinator's CA fingerprint, as it gave it to you")
-    p.add_argument("--name", required=True, help="this hospital's name (as on the token)")
+    p.add_argument("--name", help="this hospital's name (as on the token)")
     p.add_argument("--data", type=Path, required=True, help="the DICOM folder (only read)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--tp", type=int, default=1, help="ranks splitting each volume")
@@ -164,6 +194,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--approve-runs", choices=("manual", "policy"), default="manual",
                    help="manual: each run waits for `fedmri client approve` (default); "
                         "policy: runs within policy.toml's rules are joined")
+    p.add_argument("--allow-plain", action="store_true",
+                   help="the policy also approves runs without secure aggregation "
+                        "(default: it requires it)")
+    p.add_argument("--per-message-processes", action="store_true",
+                   help="UNSAFE, for comparisons only: Flower's per-message processes run "
+                        "whatever ClientApp code the coordinator's run bundle carries, instead "
+                        "of fedmri's executor (client.toml executor = false)")
     p.add_argument("--force", action="store_true", help="new keys, enroll again")
     p = sub.add_parser("check", help="data, kernels, GPUs, certificate, coordinator")
     p.add_argument("--json", action="store_true")
@@ -190,10 +227,15 @@ def _dispatch(args: argparse.Namespace, home: HospitalHome) -> int:
     from fedmri.client import members
 
     if args.command == "init":
-        changes = init(home, args.coordinator, args.token, args.ca_fingerprint, args.name,
-                       args.data, args.threads, args.tp, args.member_policy,
-                       args.approve_runs, args.force)
-        print(f"enrolled {args.name}; keys and config in {home.root}")
+        enrolment = _enrolment(args)
+        changes = init(home, *enrolment, args.data,
+                       InitOptions(args.threads, args.tp, args.member_policy,
+                                   RunPolicy(approve=args.approve_runs,
+                                             require_secure=not args.allow_plain),
+                                   not args.per_message_processes),
+                       args.force)
+        print(f"enrolled {enrolment[3]} (coordinator CA {enrolment[2]}); keys and config in "
+              f"{home.root}")
         for line in changes:
             print(f"  {line}")
         return 0

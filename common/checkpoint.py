@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -52,4 +53,9 @@ def save_model(path: Path, state_dict: dict[str, torch.Tensor], config: dict[str
     import torch  # here, so modules that only write JSON do not pay for importing torch
 
     blob = {"state_dict": state_dict, "config": config, **(extra or {})}
-    atomic_write(path, lambda fh: torch.save(blob, fh))
+    # Serialized in memory first: torch's zip writer turns a failed write (a full disk) into
+    # an unrelated RuntimeError; written from bytes, it is the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    payload = buffer.getbuffer()
+    atomic_write(path, lambda fh: fh.write(payload))

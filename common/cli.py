@@ -22,7 +22,7 @@ SUMMARIES = {
     "evaluate": "Dice of a saved model on a hospital's data",
     "kernels": "the compiled 3D convolution: kernels build | kernels info [--json]",
     "server": "the coordinator: server init|start|token|revoke|status|audit",
-    "run": "federated runs on the coordinator: run start|status|stop|fetch-model",
+    "run": "federated runs on the coordinator: run start|status|stop|fetch-model|report",
     "client": "the hospital daemon: client init|check|start|status|members|accept",
     "bench": "benchmarks that print JSON against a baseline (bench NAME --help)",
 }
@@ -42,7 +42,7 @@ def home_command(prog: str, description: str, default_home: str
 
 
 # What a command reports as one line and exit code 1, rather than a traceback.
-OPERATOR_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+OPERATOR_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError, TimeoutError)
 
 
 def report_errors(prog: str, work: Callable[[], int]) -> int:

@@ -1,4 +1,6 @@
-"""One Flower App run as a real deployment on 127.0.0.1: what `simulate` and the benches share.
+"""One Flower App run as a bare deployment on 127.0.0.1: what the benches and the fault tests
+use to run their own Flower Apps (Flower's per-message ClientApp processes; `fedmri simulate`
+runs the operators' commands instead, fedmri.deploy.topology).
 
 `run_deployment` makes the TLS files (a CA per run) and the FLWR_HOME config, writes a Flower
 App whose components are installed fedmri modules, starts one `flower-superlink` and one
@@ -10,7 +12,6 @@ started, on success, failure, timeout or Ctrl-C.
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import sys
 import time
@@ -21,8 +22,6 @@ from typing import TypeVar
 
 import psutil
 
-from fedmri.client.executor import executor_argv, supernode_args
-from fedmri.common.checkpoint import write_private
 from fedmri.common.processes import (
     Supervisor,
     executable,
@@ -48,10 +47,6 @@ class Deployment:
     timeout_s: float = 3600.0
     log_dir: Path | None = None  # default: workdir/logs
     app_exit_grace_s: float = 15.0  # for app processes still exiting after the outcome
-    # fedmri's long-lived executor takes each SuperNode's tasks (fedmri.client.executor: the
-    # installed fedmri ClientApp only); False: Flower's per-message processes run the app the
-    # run names (benchmarks and test apps).
-    executor: bool = False
 
 
 def write_flower_home(home: Path, port: int, ca_cert: Path | None) -> None:
@@ -116,18 +111,10 @@ def run_deployment(dep: Deployment, app: FlowerApp, poll: Callable[[], T | None]
                                        "--port", str(port)], env=env)
         wait_for_port(port, 60, link, "flower-superlink")
         for node in dep.nodes:
-            runtime_port = free_port()
-            secret = dep.home / "executors" / f"{node.hospital}.secret"
-            if dep.executor:
-                write_private(secret, secrets.token_bytes(32))
             sup.start(f"supernode-{node.hospital}", [
                 executable("flower-supernode"), *node_tls,
-                "--superlink", f"127.0.0.1:{port}", "--port", str(runtime_port),
-                *(supernode_args(secret) if dep.executor else []),
+                "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                 "--node-config", node.to_node_config_arg()], env=env)
-            if dep.executor:
-                sup.start(f"executor-{node.hospital}", executor_argv(runtime_port, secret),
-                          env=env)
         runner = sup.start("flwr-run", [executable("flwr"), "run", str(dep.home / "app"),
                                         "fedmri", "--stream"], env=env, cwd=dep.workdir)
         deadline = time.monotonic() + dep.timeout_s

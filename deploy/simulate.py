@@ -1,9 +1,13 @@
 """`fedmri simulate`: the whole federation as real local processes on 127.0.0.1.
 
-One `flower-superlink`, one `flower-supernode` per hospital (each with its own data folder
-in its node config), the run submitted with `flwr run`, progress read from the ServerApp's
-event log, then the final global model scored on the held-back test site. Every process
-started here is stopped on success, failure or Ctrl-C.
+The topology deploy/compose.yaml runs in containers (fedmri.deploy.topology), here as local
+processes through the same commands: `fedmri server init` and a ticket per hospital
+(`fedmri server token --out`), `fedmri server start`, then each hospital's `fedmri client
+init --ticket` (its own keys, enrolled through the enrollment service) and `fedmri client
+start` (SuperNode and executor), then `fedmri run start --wait` and `fedmri run report` with
+the held-back test site. Every home lies under OUT (coordinator/, hospital-N/); the report,
+the global model and the plots are written to OUT. Every process started here is stopped on
+success, failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,28 +19,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedmri.common.checkpoint import save_json
-from fedmri.common.config import RunConfig
+from fedmri.common.config import RunConfig, run_config_to_args
 from fedmri.common.layout import TEST_SITE, hospital_dirs
-from fedmri.deploy.deployment import Deployment, FlowerApp, run_deployment
-from fedmri.deploy.enrollment import enroll_hospitals, enrolled_node
+from fedmri.deploy.topology import Hospital, LocalFederation, Topology, ok, wait_for
 from fedmri.proto import files
-from fedmri.proto.events import (
-    FINAL,
-    Event,
-    EventTail,
-    Failed,
-    HospitalFailed,
-    Resumed,
-    RoundDone,
-    RoundSkipped,
-    Validated,
-)
-from fedmri.proto.run_config import ServerSettings
+from fedmri.proto.events import FINAL, Event, EventTail, Failed
+from fedmri.server.runs import RUN_RECORD, describe
 
 log = logging.getLogger("fedmri.deploy")
 
@@ -51,29 +44,11 @@ class SimulateOptions:
     timeout_s: float = 3600.0
     config: RunConfig = RunConfig()
     stage_timeout_s: float = 120.0  # a secure-aggregation step without training
-    tls: bool = True  # TLS between SuperNodes, `flwr run` and the SuperLink (a per-run CA)
     # Ranks splitting each volume in depth, per hospital name ("*": every hospital).
     tp: dict[str, int] = field(default_factory=dict)
     # Each hospital's messages in fedmri's long-lived executor, as the hospital daemon runs
     # them; False: Flower's per-message ClientApp processes.
     executor: bool = True
-
-
-def describe(event: Event) -> str | None:
-    """One human line for a ServerApp event, or None for events not worth a line."""
-    if isinstance(event, RoundDone):
-        losses = " ".join(f"{h}={v:.3f}" for h, v in event.train_loss.items())
-        return (f"round {event.round}: {event.seconds:.1f}s, "
-                f"{event.hospitals} hospitals, train loss {losses}")
-    if isinstance(event, Validated):
-        return f"round {event.round}: global validation Dice {event.global_val_dice:.3f}"
-    if isinstance(event, (HospitalFailed, RoundSkipped)):
-        return f"{event.NAME}: round {event.round}: {event.reason}"
-    if isinstance(event, Failed):
-        return f"{event.NAME}: {event.error}"
-    if isinstance(event, Resumed):
-        return f"{event.NAME} after round {event.round}"
-    return None
 
 
 def _default_printer(event: Event) -> None:
@@ -82,12 +57,26 @@ def _default_printer(event: Event) -> None:
         print(line, flush=True)
 
 
+def topology(opts: SimulateOptions, sites: list[str]) -> Topology:
+    unknown = sorted(set(opts.tp) - set(sites) - {"*"})
+    if unknown:
+        raise ValueError(f"--tp names {', '.join(unknown)}, not among the hospitals "
+                         f"{', '.join(sites)}")
+    threads = max(1, (os.cpu_count() or 1) // len(sites))
+    hospitals = tuple(Hospital(name, tp=opts.tp.get(name, opts.tp.get("*", 1)),
+                               threads=threads, executor=opts.executor) for name in sites)
+    cfg = opts.config
+    flags = ("--min-nodes", str(len(sites)), "--node-wait", "300",
+             "--round-timeout", str(opts.timeout_s), "--stage-timeout", str(opts.stage_timeout_s),
+             "--wait-timeout", str(opts.timeout_s), *run_config_to_args(cfg))
+    return Topology("simulate", hospitals, flags, allow_plain=not cfg.secure)
+
+
 def run_simulation(opts: SimulateOptions,
                    on_event: Callable[[Event], None] = _default_printer
                    ) -> dict[str, Any]:
     out = opts.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = opts.config
     started = time.perf_counter()
     data = (opts.data or out / "data").resolve()
     if not (data / files.COHORT_MANIFEST).exists():
@@ -96,70 +85,65 @@ def run_simulation(opts: SimulateOptions,
         print(f"writing synthetic cohort to {data} ...", file=sys.stderr, flush=True)
         generate_cohort(data, hospitals=opts.hospitals, subjects=opts.subjects, seed=opts.seed,
                         progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    sites = hospital_dirs(data)[: opts.hospitals]
+    sites = [site.name for site in hospital_dirs(data)[: opts.hospitals]]
     if len(sites) < opts.hospitals:
         raise ValueError(f"{data} has {len(sites)} hospital folders, {opts.hospitals} requested")
+    topo = topology(opts, sites)
     cohort_s = time.perf_counter() - started
 
-    node_dir = out / ".flwr" / "nodes"
-    pinned = enroll_hospitals(node_dir, [site.name for site in sites])
-    settings = ServerSettings(out_dir=out, min_nodes=len(sites), node_wait_s=300.0,
-                              round_timeout_s=opts.timeout_s,
-                              stage_timeout_s=opts.stage_timeout_s, pinned_keys=pinned)
-    run_config = {**cfg.to_dict(), **settings.to_run_config()}
-    threads = max(1, (os.cpu_count() or 1) // len(sites))
-    unknown = sorted(set(opts.tp) - {site.name for site in sites} - {"*"})
-    if unknown:
-        raise ValueError(f"--tp names {', '.join(unknown)}, not among the hospitals "
-                         f"{', '.join(site.name for site in sites)}")
-    nodes = [replace(enrolled_node(node_dir, site.name, pinned), data_path=site,
-                     threads=threads, tp=opts.tp.get(site.name, opts.tp.get("*", 1)))
-             for site in sites]
-    for stale in (files.EVENTS, files.SERVER_STATE):
-        (out / stale).unlink(missing_ok=True)
-    tail = EventTail(out / files.EVENTS)
-
-    def poll() -> Event | None:
-        outcome = None
-        for event in tail.read():
-            on_event(event)
-            if isinstance(event, FINAL):
-                outcome = event
-        return outcome
-
     fed_started = time.perf_counter()
-    outcome = run_deployment(
-        Deployment(home=out / ".flwr", workdir=out, nodes=nodes, tls=opts.tls,
-                   timeout_s=opts.timeout_s, executor=opts.executor),
-        FlowerApp("fedmri.server.app:app", "fedmri.client.app:app", run_config), poll)
-    if isinstance(outcome, Failed):
-        raise RuntimeError(f"the federation failed: {outcome.error} (logs in {out / 'logs'})")
-    fed_s = time.perf_counter() - fed_started
+    with LocalFederation(out, data, name=topo.federation, topology=topo) as fed:
+        print("starting the coordinator and enrolling the hospitals ...", file=sys.stderr,
+              flush=True)
+        fed.up(wait_online=False)
+        runner = fed.start("run", *topo.run_start(str(fed.server)))
+        folder = wait_for("the run to be submitted", lambda: _submitted(fed, runner), 120)
+        outcome = _follow(fed, folder, runner, on_event, opts.timeout_s)
+        if isinstance(outcome, Failed):
+            raise RuntimeError(f"the federation failed: {outcome.error} (logs in {out})")
+        fed_s = time.perf_counter() - fed_started
+        ok(*topo.run_report(str(fed.server), str(out), str(data / TEST_SITE)), timeout=600)
 
-    state = json.loads((out / files.SERVER_STATE).read_text())
-    test = evaluate_on_test_site(out / files.GLOBAL_MODEL, data / TEST_SITE, out / files.SAMPLE)
-    report = {
-        "config": {**cfg.to_dict(), "mode": "fedavg", "hospitals": [s.name for s in sites],
-                   "subjects": opts.subjects, "data": str(data), "cohort_seed": opts.seed},
-        "rounds": state["rounds"],
-        "test_dice": test["dice"],
-        "test_dice_per_class": test["per_class"],
-        "seconds": {"total": time.perf_counter() - started, "cohort": cohort_s,
-                    "federation": fed_s},
-    }
+    report: dict[str, Any] = json.loads((out / files.REPORT).read_text())
+    report["config"].update(subjects=opts.subjects, data=str(data), cohort_seed=opts.seed)
+    report["seconds"] = {"total": time.perf_counter() - started, "cohort": cohort_s,
+                         "federation": fed_s}
     save_json(out / files.REPORT, report)
-    from fedmri.deploy.plots import plot_curves
-
-    plot_curves(report, out / files.CURVES)
     return report
 
 
-def evaluate_on_test_site(model: Path, site: Path, sample_png: Path) -> dict[str, Any]:
-    """Score the model with the hospital-side evaluator, run as its own process."""
-    cmd = [sys.executable, "-m", "fedmri.common.cli", "evaluate", "--model", str(model),
-           "--data", str(site), "--json", "--sample-png", str(sample_png)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"evaluating {model} on {site} failed:\n{done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+def _runner_failed(fed: LocalFederation) -> NoReturn:
+    text = (fed.root / "run.out").read_text(errors="replace")
+    raise RuntimeError(f"fedmri run start failed: {text.strip()[-1500:]}")
+
+
+def _submitted(fed: LocalFederation, runner: subprocess.Popen[bytes]) -> Path | None:
+    found = next(iter((fed.server / "runs").glob(f"*/{RUN_RECORD}")), None)
+    if found is None and runner.poll() not in (None, 0):
+        _runner_failed(fed)
+    return found.parent if found else None
+
+
+def _follow(fed: LocalFederation, folder: Path, runner: subprocess.Popen[bytes],
+            on_event: Callable[[Event], None], timeout_s: float) -> Event:
+    """The run's events as they come, until its last one; `fedmri run start --wait` (the
+    runner) follows the same file and exits once it ends."""
+    tail = EventTail(folder / files.EVENTS)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ended = runner.poll() is not None
+        if ended:
+            time.sleep(1.0)  # its last event may land just after
+        for event in tail.read():
+            on_event(event)
+            if isinstance(event, FINAL):
+                runner.wait(timeout=60)
+                return event
+        if ended:
+            _runner_failed(fed)
+        if fed.procs["server"].poll() is not None:
+            raise RuntimeError(f"the coordinator exited (code {fed.procs['server'].returncode});"
+                               f" see {fed.root / 'server.out'} and {fed.server / 'logs'}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
+        time.sleep(0.5)

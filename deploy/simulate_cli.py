@@ -54,9 +54,12 @@ def parse_tp(spec: str) -> dict[str, int]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedmri simulate",
-        description="Run the federation on this machine: a real flower-superlink and one "
-                    "flower-supernode per hospital on 127.0.0.1, on a synthetic DICOM cohort "
-                    "(written to OUT/data unless --data is given).")
+        description="Run the federation on this machine as the Compose file runs it "
+                    "(deploy/compose.yaml): a coordinator (`fedmri server`) and one hospital "
+                    "daemon each (`fedmri client`), enrolled through the enrollment service, "
+                    "then a run (`fedmri run`), as processes on 127.0.0.1 with their homes "
+                    "under OUT, on a synthetic DICOM cohort (written to OUT/data unless "
+                    "--data is given).")
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--subjects", type=int, default=8, help="subjects per hospital")
@@ -66,8 +69,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stage-timeout", type=float, default=120.0,
                         help="seconds to wait for hospitals in a secure-aggregation step "
                              "without training; later ones count as dropped")
-    parser.add_argument("--insecure", action="store_true",
-                        help="no TLS between the processes (default: TLS with a per-run CA)")
     parser.add_argument("--tp", default="1", metavar="P|HOSPITAL=P,...",
                         help="worker processes that split each volume in depth (spatial tensor "
                              "parallelism): P for every hospital, or per hospital, e.g. "
@@ -86,17 +87,21 @@ def main(argv: list[str]) -> int:
         parser.error(str(err))
     if args.out.exists() and (args.out / files.REPORT).exists():
         parser.error(f"{args.out} already holds a finished run; choose another --out")
+    if (args.out / "coordinator").exists():
+        parser.error(f"{args.out} holds an earlier, unfinished simulation (coordinator/); "
+                     "choose another --out or remove it")
     try:
         cfg = run_config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
 
     from fedmri.deploy.deployment import run_guarded
-    from fedmri.deploy.simulate import SimulateOptions, describe, run_simulation
+    from fedmri.deploy.simulate import SimulateOptions, run_simulation
+    from fedmri.server.runs import describe
 
     opts = SimulateOptions(out=args.out, hospitals=args.hospitals, subjects=args.subjects,
                            seed=cfg.seed, data=args.data, timeout_s=args.timeout, config=cfg,
-                           tls=not args.insecure, stage_timeout_s=args.stage_timeout, tp=tp,
+                           stage_timeout_s=args.stage_timeout, tp=tp,
                            executor=not args.per_message_processes)
 
     def work() -> dict[str, Any]:

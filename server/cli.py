@@ -14,6 +14,7 @@ import os
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmri.common.cli import home_command, report_errors
@@ -105,6 +106,12 @@ def start(home: CoordinatorHome) -> int:
             write_private(home.superexec_secret, secrets.token_bytes(32))
             link = sup.start("superlink", superlink.superlink_argv(home, settings), env=env)
             wait_for_port(settings.port, 60, link, "flower-superlink")
+            # Interrupted runs are stopped and submitted again before the ServerApp executor
+            # starts, so it never claims an old run beside its resumed copy.
+            from fedmri.server.runs import resume_interrupted
+
+            for run in resume_interrupted(home, registry):
+                log.info("event=run_resumed run=%s", run)
             executor = sup.start("superexec", superlink.superexec_argv(home, settings),
                                  env=env)
             _unregister_revoked(home, registry)
@@ -212,6 +219,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("hospital")
     p.add_argument("--expires", type=parse_duration, default=parse_duration("24h"),
                    help="how long the token is valid (e.g. 30m, 24h, 7d; default 24h)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write an enrollment ticket (token, CA fingerprint, coordinator; "
+                        "0600) for `fedmri client init --ticket FILE`")
     p = sub.add_parser("revoke", help="remove a hospital: its node key and membership")
     p.add_argument("hospital")
     p = sub.add_parser("status", help="hospitals, runs, last errors")
@@ -247,6 +257,14 @@ def _dispatch(args: argparse.Namespace, home: CoordinatorHome) -> int:
         registry.close()
         fp = ca_fingerprint((home.tls / "ca.pem").read_bytes())
         host = settings.hosts.split(",")[0]
+        if args.out:  # the token goes into the file only, not into a log
+            from fedmri.proto.ticket import Ticket
+
+            Ticket(args.hospital, token, fp, f"{host}:{settings.enroll_port}").write(args.out)
+            print(f"ticket:         {args.out} (hand it over privately; it holds the token)\n"
+                  f"CA fingerprint: {fp}\nvalid for {args.expires / 3600:.1f} h, once. At the "
+                  f"hospital:\n  fedmri client init --ticket FILE --data DIR")
+            return 0
         print(f"token:          {token}\nCA fingerprint: {fp}\n"
               f"coordinator:    {host}:{settings.enroll_port}\n"
               f"valid for {args.expires / 3600:.1f} h, once. At the hospital:\n"

@@ -8,6 +8,7 @@ that failed or did not answer) and return the same `RoundOutcome`, so the round 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from flwr.serverapp import Grid
 
 from fedmri.proto import wire
 from fedmri.proto.events import Event, HospitalFailed
+
+POLL_S = (0.05, 1.0)  # the first and the longest wait between asking for replies
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +98,7 @@ class Exchange:
     def send(self, messages: list[Message], timeout_s: float) -> list[Message]:
         """The replies without errors; every other message's node is failed."""
         self.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
+        replies = self._send_and_receive(messages, timeout_s)
         answered = {r.metadata.src_node_id for r in replies}
         for m in messages:
             if m.metadata.dst_node_id not in answered:
@@ -108,6 +111,24 @@ class Exchange:
             else:
                 good.append(reply)
         return good
+
+    def _send_and_receive(self, messages: list[Message], timeout_s: float) -> list[Message]:
+        """Flower's Grid.send_and_receive, but asking for replies 50 ms after a change and at
+        most a second apart, instead of every 3 s: a secure round has 3-4 exchanges."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout_s
+        replies: list[Message] = []
+        wait = POLL_S[0]
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                break
+            wait = POLL_S[0] if got else min(2 * wait, POLL_S[1])
+            time.sleep(min(wait, left))
+        return replies
 
     def fail(self, node: int, reason: str) -> None:
         text = f"{self.names.get(node, f'node {node}')}: {reason}"

@@ -56,25 +56,30 @@ class Federation:
 
     # -- checkpoints ---------------------------------------------------------------------
     def _resume(self) -> None:
-        state_path = self.settings.out_dir / files.SERVER_STATE
-        if not state_path.exists():
+        """From the global model's file, which holds the round history too: written in one
+        atomic step, it is never half a round ahead of itself (server_state.json, a copy for
+        readers, may lag it by a round if the disk filled up between the two writes)."""
+        model = self.settings.out_dir / files.GLOBAL_MODEL
+        if not model.exists():
             return
-        saved = json.loads(state_path.read_text())
-        if saved.get("config") != self.cfg.to_dict():
-            raise ValueError(f"{state_path} belongs to a run with another config; "
+        blob = torch.load(model, map_location="cpu", weights_only=True)
+        if blob.get("config") != self.cfg.to_dict():
+            raise ValueError(f"{model} belongs to a run with another config; "
                              "use a fresh output folder or the same config to resume")
-        blob = torch.load(self.settings.out_dir / files.GLOBAL_MODEL, map_location="cpu",
-                          weights_only=True)
         self.global_state = blob["state_dict"]
-        self.history = [RoundRecord.from_dict(r) for r in saved["rounds"]]
+        rounds = blob.get("rounds")
+        if rounds is None:  # written before the model file carried the history
+            rounds = json.loads((self.settings.out_dir / files.SERVER_STATE).read_text())[
+                "rounds"]
+        self.history = [RoundRecord.from_dict(r) for r in rounds]
         self.emit(Resumed(len(self.history)))
 
     def _checkpoint(self) -> None:
         out = self.settings.out_dir
+        rounds = [r.to_dict() for r in self.history]
         save_model(out / files.GLOBAL_MODEL, self.global_state, self.cfg.to_dict(),
-                   {"round": len(self.history)})
-        save_json(out / files.SERVER_STATE, {"config": self.cfg.to_dict(),
-                                             "rounds": [r.to_dict() for r in self.history]})
+                   {"round": len(self.history), "rounds": rounds})
+        save_json(out / files.SERVER_STATE, {"config": self.cfg.to_dict(), "rounds": rounds})
 
     # -- messaging -----------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:

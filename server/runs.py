@@ -7,21 +7,35 @@ The run's member list is the registry's members at submission (a copy in the run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedmri.common.checkpoint import save_json
 from fedmri.common.config import RunConfig
 from fedmri.proto import files
-from fedmri.proto.events import Done, EventTail, Failed, HospitalFailed, RoundDone, RoundSkipped
+from fedmri.proto.events import (
+    FINAL,
+    Done,
+    Event,
+    EventTail,
+    Failed,
+    HospitalFailed,
+    Resumed,
+    RoundDone,
+    RoundSkipped,
+    Validated,
+)
 from fedmri.proto.run_config import ServerSettings
 from fedmri.server.flower_app import FlowerApp, write_flower_app
 from fedmri.server.home import CoordinatorHome
 
 RUN_RECORD = "run.json"
+MAX_RESUMES = 3  # a run that keeps dying is left for an operator
 
 
 def start_run(home: CoordinatorHome, cfg: RunConfig, min_nodes: int | None,
@@ -113,9 +127,48 @@ def find_run(home: CoordinatorHome, name: str | None) -> Path:
         return runs[-1]
     for folder in runs:
         record = json.loads((folder / RUN_RECORD).read_text())
-        if name in (record["run"], record["run_id"]):
+        if name in (record["run"], record["run_id"], *record.get("previous_run_ids", [])):
             return folder
     raise FileNotFoundError(f"no run named {name!r} in {home.runs}")
+
+
+def resume_interrupted(home: CoordinatorHome, registry: Any) -> list[str]:
+    """Submit again every run the coordinator was stopped in the middle of (`fedmri server
+    start` calls it once its SuperLink is up): Flower does not restart a run's ServerApp,
+    ours resumes after the run's last checkpointed round (same folder, same config). The
+    run gets a new Flower run id; hospitals approve it as any run (policy or operator)."""
+    from fedmri.server import superlink
+
+    resumed = []
+    for folder in _run_dirs(home):
+        try:
+            summary = summarize(folder)
+            record = json.loads((folder / RUN_RECORD).read_text())
+            old = str(record["run_id"])
+        except (OSError, ValueError, KeyError, TypeError) as err:  # one bad folder, not all
+            registry.audit("server", "run_resume", folder.name, "failed", f"unreadable: {err}")
+            continue
+        if summary["state"] != "running":
+            continue
+        if len(record.get("previous_run_ids", [])) >= MAX_RESUMES:
+            registry.audit("server", "run_resume", folder.name, "failed",
+                           f"resumed {MAX_RESUMES} times already; not again (run stop it)")
+            continue
+        with contextlib.suppress(RuntimeError):  # Flower may have ended it already
+            superlink.flwr(home, "stop", old, "fedmri")  # its ServerApp is gone
+        try:
+            answer = superlink.flwr(home, "run", str(folder / "app"), "fedmri", cwd=folder)
+        except RuntimeError as err:
+            registry.audit("server", "run_resume", folder.name, "failed", str(err))
+            continue
+        record["previous_run_ids"] = [*record.get("previous_run_ids", []), old]
+        record["run_id"] = str(answer.get("run-id", ""))
+        save_json(folder / RUN_RECORD, record)
+        registry.audit("server", "run_resume", folder.name, "ok",
+                       f"flower run {record['run_id']} (was {old}), after round "
+                       f"{summary['round']}")
+        resumed.append(folder.name)
+    return resumed
 
 
 def stop_run(home: CoordinatorHome, name: str | None, actor: str) -> dict[str, Any]:
@@ -130,6 +183,42 @@ def stop_run(home: CoordinatorHome, name: str | None, actor: str) -> dict[str, A
     registry.audit(actor, "run_stop", record["run"], "ok", f"flower run {record['run_id']}")
     registry.close()
     return summarize(folder)
+
+
+def describe(event: Event) -> str | None:
+    """One human line for a ServerApp event, or None for events not worth a line."""
+    if isinstance(event, RoundDone):
+        losses = " ".join(f"{h}={v:.3f}" for h, v in event.train_loss.items())
+        return (f"round {event.round}: {event.seconds:.1f}s, "
+                f"{event.hospitals} hospitals, train loss {losses}")
+    if isinstance(event, Validated):
+        return f"round {event.round}: global validation Dice {event.global_val_dice:.3f}"
+    if isinstance(event, (HospitalFailed, RoundSkipped)):
+        return f"{event.NAME}: round {event.round}: {event.reason}"
+    if isinstance(event, Failed):
+        return f"{event.NAME}: {event.error}"
+    if isinstance(event, Resumed):
+        return f"{event.NAME} after round {event.round}"
+    return None
+
+
+def wait_for_end(home: CoordinatorHome, folder: Path, on_event: Callable[[Event], None],
+                 timeout_s: float | None = None) -> Event:
+    """Follow a run's events until its last one (Done or Failed); raise if the run is
+    stopped or `timeout_s` passes first."""
+    tail = EventTail(folder / files.EVENTS)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        for event in tail.read():
+            on_event(event)
+            if isinstance(event, FINAL):
+                return event
+        if (folder / "stopped").exists():
+            raise RuntimeError(f"run {folder.name} was stopped")
+        # A stopped coordinator is waited for: started again, it resumes the run.
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {folder.name} did not end within {timeout_s:.0f}s")
+        time.sleep(0.5)
 
 
 def fetch_model(home: CoordinatorHome, name: str | None, out: Path) -> Path:

@@ -25,22 +25,27 @@ def stage_of(msg: Message) -> str:
 
 
 class LoopbackGrid(Grid):
-    """Hands each message to `handle` with its node's Context (what a SuperNode's ClientApp
-    gets) and returns the replies, in process. `log` lists (round, node, stage,
-    carries-next-setup) of every message sent; `on_request` / `on_reply` may alter a message
-    in place, or return False to drop it. A handler's exception becomes an error reply, as
-    Flower makes it."""
+    """Hands each pushed message to `handle` with its node's Context (what a SuperNode's
+    ClientApp gets) and returns the replies when pulled, in process. `log` lists (round,
+    node, stage, carries-next-setup) of every message sent; `on_request` / `on_reply` may
+    alter a message in place, or return False to drop it. A handler's exception becomes an
+    error reply, as Flower makes it."""
 
     def __init__(self, contexts: dict[int, Context], handle: Handler) -> None:
         self.contexts, self.handle = contexts, handle
         self.log: list[tuple[int, int, str, bool]] = []
         self.on_request: Hook = lambda rnd, stage, msg: True
         self.on_reply: Hook = lambda rnd, stage, msg: True
+        self.pushed = 0
+        self.replies: dict[str, Message] = {}
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each message handled at once; its reply (if not dropped) waits for pull_messages."""
+        ids = []
         for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"loopback-{self.pushed}"  # as Flower does
+            ids.append(msg.metadata.message_id)
             stage, rnd = stage_of(msg), int(msg.metadata.group_id)
             records = msg.content.config_records
             self.log.append((rnd, msg.metadata.dst_node_id, stage, stage == wire.STAGE_UNMASK
@@ -52,8 +57,11 @@ class LoopbackGrid(Grid):
             except Exception as err:  # noqa: BLE001 - Flower turns any into an error reply
                 reply = Message(Error(0, f"{type(err).__name__}: {err}"), reply_to=msg)
             if self.on_reply(rnd, stage, reply):
-                replies.append(reply)
-        return replies
+                self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
 
     def stages(self, rnd: int) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -76,11 +84,9 @@ class LoopbackGrid(Grid):
     def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
         raise NotImplementedError
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
+    def send_and_receive(self, messages: Iterable[Message], *,  # type: ignore[override]
+                         timeout: float | None = None) -> Iterable[Message]:
+        raise NotImplementedError  # the ServerApp pushes and pulls itself
 
 
 @pytest.fixture

@@ -275,3 +275,50 @@ def test_a_revocation_while_the_superlink_is_down_is_queued(registry: Registry) 
     assert registry.members() == {} and registry.pending_unregisters() == [1001]
     registry.unregistered(1001)
     assert registry.pending_unregisters() == []
+
+
+def test_enrollment_tickets_are_private_and_hostile_ones_refused(tmp_path: Path) -> None:
+    import os
+
+    from fedmri.proto.ticket import Ticket
+
+    good = Ticket("hospital-1", "fmt_secret", "AAAA-BBBB", "coordinator:9095")
+    path = tmp_path / "t.json"
+    decoy = tmp_path / "decoy"
+    decoy.write_text("keep me")
+    (tmp_path / "t.json.tmp").symlink_to(decoy)  # a planted link is never written through
+    good.write(path)
+    assert Ticket.read(path) == good and path.stat().st_mode & 0o777 == 0o600
+    assert decoy.read_text() == "keep me"
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 4000)
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text('{"hospital": "../x", "token": "t", "ca_fingerprint": "f", '
+                       '"coordinator": "c"}')
+    for bad, error in ((link, FileNotFoundError), (fifo, ValueError), (nested, ValueError),
+                       (renamed, ValueError), (tmp_path / "none", FileNotFoundError)):
+        with pytest.raises(error, match=str(bad.name)):
+            Ticket.read(bad)
+
+
+def test_a_ticket_must_match_the_fingerprint_given_by_phone(tmp_path: Path) -> None:
+    import argparse
+
+    from fedmri.client.daemon_cli import _enrolment
+    from fedmri.proto.ticket import Ticket
+
+    path = tmp_path / "t.json"
+    Ticket("hospital-1", "fmt_secret", "AAAA-BBBB", "coordinator:9095").write(path)
+    args = argparse.Namespace(ticket=path, coordinator=None, token=None, name=None,
+                              ca_fingerprint="CCCC-DDDD")
+    with pytest.raises(ValueError, match="not the one you were given"):
+        _enrolment(args)
+    args.ca_fingerprint = "AAAA-BBBB"
+    assert _enrolment(args) == ("coordinator:9095", "fmt_secret", "AAAA-BBBB", "hospital-1")
+    with pytest.raises(ValueError, match="missing --coordinator, --token"):
+        _enrolment(argparse.Namespace(ticket=None, coordinator=None, token=None,
+                                      name="h", ca_fingerprint="x"))

@@ -32,17 +32,18 @@ SMALL = ["--hospitals", "2", "--rounds", "2", "--subjects", "3", "--size", "32",
 
 
 def _flower_processes(out: Path) -> list[psutil.Process]:
-    """Flower processes of the run writing to `out` (their FLWR_HOME lies inside it)."""
+    """The processes of the federation simulated in `out`: the daemons and their children
+    (their homes, FLWR_HOME or secrets lie inside it)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "flower-super" in cmd or "flwr-" in cmd or "flwr run" in cmd:
-            try:
-                home = proc.environ().get("FLWR_HOME", "")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.pid == os.getpid() or "fedmri.common.cli simulate" in cmd:
                 continue
-            if home.startswith(str(out)):
+            if str(out) in cmd or proc.environ().get("FLWR_HOME", "").startswith(str(out)):
                 found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return found
 
 
@@ -97,11 +98,23 @@ def test_simulate_writes_report_model_and_plots(finished_run: Path, cohort: Path
         assert (finished_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_simulate_runs_over_tls(finished_run: Path) -> None:
-    link_log = (finished_run / "logs" / "superlink.log").read_text()
+def test_simulate_sets_up_the_federation_through_the_operators_commands(
+        finished_run: Path) -> None:
+    link_log = (finished_run / "coordinator" / "logs" / "superlink.log").read_text()
     assert "running on https://127.0.0.1" in link_log
-    assert "--insecure" not in (finished_run / ".flwr" / "config.toml").read_text()
-    assert "root-certificates" in (finished_run / ".flwr" / "config.toml").read_text()
+    assert "root-certificates" in (finished_run / "coordinator" / "flwr" /
+                                   "config.toml").read_text()
+    audit = (finished_run / "server.out").read_text()
+    assert "enrollment on port" in audit
+    for hospital in ("hospital-1", "hospital-2"):
+        home = finished_run / hospital
+        # Its own keys, made at the hospital and never sent; enrolled with a ticket.
+        assert (home / "node.key").stat().st_mode & 0o777 == 0o600
+        assert (home / "identity.pem").stat().st_mode & 0o777 == 0o600
+        assert (finished_run / "tickets" / f"{hospital}.json").stat().st_mode & 0o777 == 0o600
+        assert 'member-policy = "accept-all"' in (home / "client.toml").read_text()
+        served = (home / "logs" / "executor.log").read_text()
+        assert served.count("event=task_done") >= 4, hospital  # the daemon's executor ran it
 
 
 def test_simulate_leaves_no_processes(finished_run: Path) -> None:
@@ -185,11 +198,11 @@ def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     proc = subprocess.Popen([*FEDMRI, "simulate", *SMALL, "--data", str(cohort), "--out",
                              str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     # Wait until the federation is really running: the ServerApp has logged its start.
-    while time.monotonic() < deadline and not (out / "events.jsonl").exists():
+    while time.monotonic() < deadline and not list(out.glob("coordinator/runs/*/events.jsonl")):
         time.sleep(0.5)
-    assert (out / "events.jsonl").exists(), "the run never started"
+    assert list(out.glob("coordinator/runs/*/events.jsonl")), "the run never started"
     running = _flower_processes(out)
     assert running, "no Flower processes while running"
     for flower in running:
@@ -206,39 +219,4 @@ def test_interrupt_stops_every_process(cohort: Path, tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "stopped" in err.decode()
     time.sleep(1)
-    assert _flower_processes(out) == []
-
-
-@pytest.fixture(scope="module")
-def cohort3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _synth(tmp_path_factory.mktemp("cohort3"), hospitals=3, subjects=2, seed=6)
-
-
-def test_hospital_killed_mid_run_drops_out_and_the_round_completes(cohort3: Path,
-                                                                  tmp_path: Path) -> None:
-    out = tmp_path / "dropout"
-    proc = subprocess.Popen([*FEDMRI, "simulate", "--hospitals", "3", "--rounds", "2",
-                             "--size", "32", "--local-epochs", "1", "--stage-timeout", "20",
-                             "--data", str(cohort3), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-    deadline = time.monotonic() + 600
-    while not any(e["event"] == "round_done" for e in
-                  (_events(out) if (out / "events.jsonl").exists() else [])):
-        assert time.monotonic() < deadline and proc.poll() is None, "round 1 never finished"
-        time.sleep(0.5)
-    victims = [p for p in _flower_processes(out)
-               if 'hospital="hospital-3"' in " ".join(p.cmdline())]
-    assert victims, "no SuperNode of hospital-3 found"
-    for victim in victims:  # SIGKILL: no goodbye to the SuperLink, as in a crash
-        for child in victim.children(recursive=True):
-            child.kill()
-        victim.kill()
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-2000:]
-    report = json.loads((out / "report.json").read_text())
-    assert set(report["rounds"][0]["hospitals"]) == {"hospital-1", "hospital-2", "hospital-3"}
-    assert set(report["rounds"][1]["hospitals"]) == {"hospital-1", "hospital-2"}
-    assert any("hospital-3" in f for f in report["rounds"][1]["failures"]), report["rounds"][1]
-    sums = [e for e in _events(out) if e["event"] == "secure_sum"]
-    assert sums[-1]["round"] == 2 and sums[-1]["survivors"] == ["hospital-1", "hospital-2"]
     assert _flower_processes(out) == []
