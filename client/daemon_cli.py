@@ -218,6 +218,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("name")
     p.add_argument("fingerprint", help="its fingerprint, as its operator told you")
     args = parser.parse_args(argv)
+    if args.command == "init":  # flags or a ticket: either way a usage error, exit 2
+        try:
+            args.enrolment = _enrolment(args)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
     home = HospitalHome.at(args.home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return report_errors(f"fedmri client {args.command}", lambda: _dispatch(args, home))
@@ -227,7 +232,7 @@ def _dispatch(args: argparse.Namespace, home: HospitalHome) -> int:
     from fedmri.client import members
 
     if args.command == "init":
-        enrolment = _enrolment(args)
+        enrolment: tuple[str, str, str, str] = args.enrolment
         changes = init(home, *enrolment, args.data,
                        InitOptions(args.threads, args.tp, args.member_policy,
                                    RunPolicy(approve=args.approve_runs,
