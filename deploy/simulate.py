@@ -21,15 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from fedmri.common.checkpoint import save_json
 from fedmri.common.config import RunConfig, run_config_to_args
 from fedmri.common.layout import TEST_SITE, hospital_dirs
 from fedmri.deploy.topology import Hospital, LocalFederation, Topology, ok, wait_for
 from fedmri.proto import files
-from fedmri.proto.events import FINAL, Event, EventTail, Failed
-from fedmri.server.runs import RUN_RECORD, describe
+from fedmri.proto.events import Event, Failed
+from fedmri.server.runs import RUN_RECORD, describe, wait_for_end
 
 log = logging.getLogger("fedmri.deploy")
 
@@ -92,13 +92,15 @@ def run_simulation(opts: SimulateOptions,
     cohort_s = time.perf_counter() - started
 
     fed_started = time.perf_counter()
-    with LocalFederation(out, data, name=topo.federation, topology=topo) as fed:
+    with LocalFederation(out, data, topo) as fed:
         print("starting the coordinator and enrolling the hospitals ...", file=sys.stderr,
               flush=True)
         fed.up(wait_online=False)
         runner = fed.start("run", *topo.run_start(str(fed.server)))
         folder = wait_for("the run to be submitted", lambda: _submitted(fed, runner), 120)
-        outcome = _follow(fed, folder, runner, on_event, opts.timeout_s)
+        outcome = wait_for_end(folder, on_event, opts.timeout_s,
+                               lambda: _trouble(fed, runner))
+        runner.wait(timeout=60)  # `fedmri run start --wait` follows the same events
         if isinstance(outcome, Failed):
             raise RuntimeError(f"the federation failed: {outcome.error} (logs in {out})")
         fed_s = time.perf_counter() - fed_started
@@ -112,38 +114,20 @@ def run_simulation(opts: SimulateOptions,
     return report
 
 
-def _runner_failed(fed: LocalFederation) -> NoReturn:
-    text = (fed.root / "run.out").read_text(errors="replace")
-    raise RuntimeError(f"fedmri run start failed: {text.strip()[-1500:]}")
+def _trouble(fed: LocalFederation, runner: subprocess.Popen[bytes]) -> str | None:
+    """Why the run can no longer end well: the runner or the coordinator has exited."""
+    if runner.poll() is not None:
+        text = (fed.root / "run.out").read_text(errors="replace")
+        return f"fedmri run start failed: {text.strip()[-1500:]}"
+    server = fed.procs["server"]
+    if server.poll() is not None:
+        return (f"the coordinator exited (code {server.returncode}); see "
+                f"{fed.root / 'server.out'} and {fed.server / 'logs'}")
+    return None
 
 
 def _submitted(fed: LocalFederation, runner: subprocess.Popen[bytes]) -> Path | None:
     found = next(iter((fed.server / "runs").glob(f"*/{RUN_RECORD}")), None)
     if found is None and runner.poll() not in (None, 0):
-        _runner_failed(fed)
+        raise RuntimeError(_trouble(fed, runner))
     return found.parent if found else None
-
-
-def _follow(fed: LocalFederation, folder: Path, runner: subprocess.Popen[bytes],
-            on_event: Callable[[Event], None], timeout_s: float) -> Event:
-    """The run's events as they come, until its last one; `fedmri run start --wait` (the
-    runner) follows the same file and exits once it ends."""
-    tail = EventTail(folder / files.EVENTS)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ended = runner.poll() is not None
-        if ended:
-            time.sleep(1.0)  # its last event may land just after
-        for event in tail.read():
-            on_event(event)
-            if isinstance(event, FINAL):
-                runner.wait(timeout=60)
-                return event
-        if ended:
-            _runner_failed(fed)
-        if fed.procs["server"].poll() is not None:
-            raise RuntimeError(f"the coordinator exited (code {fed.procs['server'].returncode});"
-                               f" see {fed.root / 'server.out'} and {fed.server / 'logs'}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
-        time.sleep(0.5)

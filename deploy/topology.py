@@ -113,20 +113,12 @@ def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 60) ->
 class LocalFederation:
     root: Path
     data: Path  # a cohort: one folder per hospital
-    name: str = "local"
+    # The federation; without hospitals the caller enrolls and starts them one by one.
+    topo: Topology = Topology("local")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)
     fingerprint: str = ""
     enroll: str = ""
-    topology: Topology | None = None  # default: Topology(name), hospitals added by the caller
-
-    def __post_init__(self) -> None:
-        self.topology = self.topology or Topology(self.name)
-
-    @property
-    def topo(self) -> Topology:
-        assert self.topology is not None
-        return self.topology
 
     @property
     def server(self) -> Path:

@@ -256,20 +256,19 @@ def _dispatch(args: argparse.Namespace, home: CoordinatorHome) -> int:
         token = registry.new_token(check_hospital_name(args.hospital), args.expires, _actor())
         registry.close()
         fp = ca_fingerprint((home.tls / "ca.pem").read_bytes())
-        host = settings.hosts.split(",")[0]
+        enroll = f"{settings.hosts.split(',')[0]}:{settings.enroll_port}"
         if args.out:  # the token goes into the file only, not into a log
             from fedmri.proto.ticket import Ticket
 
-            Ticket(args.hospital, token, fp, f"{host}:{settings.enroll_port}").write(args.out)
-            print(f"ticket:         {args.out} (hand it over privately; it holds the token)\n"
-                  f"CA fingerprint: {fp}\nvalid for {args.expires / 3600:.1f} h, once. At the "
-                  f"hospital:\n  fedmri client init --ticket FILE --data DIR")
-            return 0
-        print(f"token:          {token}\nCA fingerprint: {fp}\n"
-              f"coordinator:    {host}:{settings.enroll_port}\n"
-              f"valid for {args.expires / 3600:.1f} h, once. At the hospital:\n"
-              f"  fedmri client init --coordinator {host}:{settings.enroll_port} "
-              f"--name {args.hospital} --token {token} --ca-fingerprint {fp} --data DIR")
+            Ticket(args.hospital, token, fp, enroll).write(args.out)
+            given = f"ticket:         {args.out} (hand it over privately; it holds the token)"
+            at_hospital = f"--ticket {args.out.name}"
+        else:
+            given = f"token:          {token}\ncoordinator:    {enroll}"
+            at_hospital = (f"--coordinator {enroll} --name {args.hospital} --token {token} "
+                           f"--ca-fingerprint {fp}")
+        print(f"{given}\nCA fingerprint: {fp}\nvalid for {args.expires / 3600:.1f} h, once. "
+              f"At the hospital:\n  fedmri client init {at_hospital} --data DIR")
         return 0
     if args.command == "revoke":
         from fedmri.server import superlink

@@ -63,7 +63,7 @@ def _dispatch(args: argparse.Namespace, home: CoordinatorHome, actor: str) -> in
             if line:
                 print(line, flush=True)
 
-        end = runs.wait_for_end(home, home.runs / record["run"], show, args.wait_timeout)
+        end = runs.wait_for_end(home.runs / record["run"], show, args.wait_timeout)
         print(f"run {record['run']}: {'finished' if isinstance(end, Done) else 'failed'}")
         return 0 if isinstance(end, Done) else 1
     if args.command == "status":

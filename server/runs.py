@@ -202,17 +202,24 @@ def describe(event: Event) -> str | None:
     return None
 
 
-def wait_for_end(home: CoordinatorHome, folder: Path, on_event: Callable[[Event], None],
-                 timeout_s: float | None = None) -> Event:
+def wait_for_end(folder: Path, on_event: Callable[[Event], None],
+                 timeout_s: float | None = None,
+                 trouble: Callable[[], str | None] | None = None) -> Event:
     """Follow a run's events until its last one (Done or Failed); raise if the run is
-    stopped or `timeout_s` passes first."""
+    stopped, `timeout_s` passes first, or `trouble` (the caller's own check, e.g. of the
+    processes it started) names a problem and no last event follows within a second."""
     tail = EventTail(folder / files.EVENTS)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
+        problem = trouble() if trouble else None
+        if problem:
+            time.sleep(1.0)  # the run's last events may land just after
         for event in tail.read():
             on_event(event)
             if isinstance(event, FINAL):
                 return event
+        if problem:
+            raise RuntimeError(problem)
         if (folder / "stopped").exists():
             raise RuntimeError(f"run {folder.name} was stopped")
         # A stopped coordinator is waited for: started again, it resumes the run.

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fedmri.deploy.topology import FEDMRI, LocalFederation, fedmri, ok, wait_for
+from fedmri.deploy.topology import FEDMRI, LocalFederation, Topology, fedmri, ok, wait_for
 
 pytestmark = pytest.mark.slow
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
@@ -30,7 +30,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     root = tmp_path_factory.mktemp("federation")
     ok("synth", "--hospitals", "3", "--subjects", "2", "--seed", "5", "--out",
        str(root / "data"))
-    with LocalFederation(root, root / "data", name="test-fed") as federation:
+    with LocalFederation(root, root / "data", Topology("test-fed")) as federation:
         federation.init_server()
         federation.start_server()
         yield federation

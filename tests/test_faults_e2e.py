@@ -41,7 +41,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
        str(root / "data"), "--quiet")
     (root / "data" / EMPTY).mkdir()
     topo = Topology("faults", tuple(Hospital(h, threads=1) for h in HOSPITALS))
-    with LocalFederation(root, root / "data", topology=topo) as federation:
+    with LocalFederation(root, root / "data", topo) as federation:
         federation.up()
         yield federation
 

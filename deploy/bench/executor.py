@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.client.home import HospitalHome
-from fedmri.deploy.topology import LocalFederation, ok
+from fedmri.deploy.topology import LocalFederation, Topology, ok
 
 HOSPITALS = ("hospital-1", "hospital-2")
 VARIANTS = {"executor": True, "per_message": False}
@@ -38,7 +38,7 @@ def measure(root: Path, rounds: int, size: int, subjects: int) -> dict[str, Any]
        "--out", str(root / "data"))
     report: dict[str, Any] = {"rounds": rounds, "size": size, "hospitals": len(HOSPITALS),
                               "subjects": subjects}
-    with LocalFederation(root, root / "data", name="bench") as fed:
+    with LocalFederation(root, root / "data", Topology("bench")) as fed:
         fed.init_server()
         fed.start_server()
         for hospital in HOSPITALS:
