@@ -108,6 +108,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
     evaluate_first = bool(config.get(wire.EVAL_FIRST, False))
     seed = cfg.seed + 1000 * rnd + zlib.crc32(hospital.encode()) % 1000
+    trained_from = secure_client.training_input(msg, seed)
+    if secure_client.is_secure(msg):
+        secure_client.refuse_used_input(msg, node, trained_from)  # before hours of training
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if _on_mesh(node):
         outcome = _mesh(node, cfg, model, data, seed, cfg.local_epochs, evaluate_first)
@@ -129,7 +132,8 @@ def train(msg: Message, context: Context) -> Message:
     if secure_client.is_secure(msg):
         # Only the masked, quantized update leaves the hospital, never the weights.
         update = flatten_update(model.state_dict(), global_state)
-        for name, record in secure_client.mask(msg, node, update, len(data.train)).items():
+        masked = secure_client.mask(msg, node, update, len(data.train), trained_from)
+        for name, record in masked.items():
             reply[name] = record
     else:
         reply[wire.ARRAYS] = ArrayRecord(model.state_dict())

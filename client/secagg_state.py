@@ -12,7 +12,10 @@ both reveal from the same state.
 
 The folder also keeps, durably, the last round of each run this hospital revealed for: a
 setup or unmask request for that round or an earlier one is refused, so a coordinator cannot
-re-run a round and difference two aggregates of the same hospital.
+re-run a round and difference two aggregates of the same hospital. And, across runs, the
+training inputs (a digest of the global weights and the training seed) it has masked an update
+for: the same input in another run or round is refused, so a resumed, restarted or repeated run
+cannot get a second aggregate holding the same update either (see `claim_input`).
 """
 
 from __future__ import annotations
@@ -54,16 +57,18 @@ class RoundStateStore:
         return self.folder
 
     @contextlib.contextmanager
-    def locked(self, run_id: str) -> Iterator[None]:
-        """Hold the run's lock (an flock on a file beside the state) for one step."""
+    def _flock(self, name: str) -> Iterator[None]:
         self._ready()
-        fd = os.open(self.folder / f"secagg-{check_run_id(run_id)}.lock",
-                     os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def locked(self, run_id: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the run's lock (an flock on a file beside the state) for one step."""
+        return self._flock(f"secagg-{check_run_id(run_id)}.lock")
 
     def path(self, run_id: str, rnd: int) -> Path:
         return self.folder / f"secagg-{check_run_id(run_id)}-{int(rnd)}.state"
@@ -125,3 +130,53 @@ class RoundStateStore:
                 f"hospital {hospital}: {what} for run {run_id!r} round {rnd}, but it already "
                 f"revealed for round {last} of that run; refusing (a re-run round could be "
                 "differenced against the first)")
+
+    # -- training inputs, across runs ------------------------------------------------------
+    # Others reveal a hospital's self-mask seed whenever the coordinator says it survived, so
+    # once its masked update has left, the hospital cannot know whether that update was
+    # unmasked: a second masked update from the same input (a round the coordinator lost in a
+    # restart, re-ran in a new run, or resumed) is refused. What is lost is that one round: the
+    # next round trains with another seed.
+    def _inputs_path(self) -> Path:
+        return self.folder / "secagg-inputs.json"
+
+    def _inputs(self) -> dict[str, dict[str, object]]:
+        path = self._inputs_path()
+        if not path.exists():
+            return {}
+        try:
+            used = json.loads(path.read_text())
+            if not isinstance(used, dict):
+                raise TypeError("not a mapping")
+            return used
+        except (ValueError, TypeError) as err:
+            raise ReplayError(f"the record of masked training inputs {path} is unreadable "
+                              f"({err}); refusing to take part until an operator checks it"
+                              ) from err
+
+    def refuse_used_input(self, digest: str, run_id: str, rnd: int, hospital: str) -> None:
+        """ReplayError if this input was masked for another run or round."""
+        with self._flock("secagg-inputs.lock"):
+            self._refuse(self._inputs(), digest, run_id, rnd, hospital)
+
+    def claim_input(self, digest: str, run_id: str, rnd: int, hospital: str) -> None:
+        """Record, durably and before the masked update leaves, that this input is masked
+        for (run, round); ReplayError if it already was for another run or round."""
+        with self._flock("secagg-inputs.lock"):
+            used = self._inputs()
+            self._refuse(used, digest, run_id, rnd, hospital)
+            if digest not in used:
+                used[digest] = {"run": run_id, "round": int(rnd), "at": round(time.time(), 3)}
+                write_private(self._inputs_path(), json.dumps(used).encode())
+
+    @staticmethod
+    def _refuse(used: dict[str, dict[str, object]], digest: str, run_id: str, rnd: int,
+                hospital: str) -> None:
+        first = used.get(digest)
+        if first is not None and (first.get("run"), first.get("round")) != (run_id, int(rnd)):
+            raise ReplayError(
+                f"hospital {hospital}: run {run_id!r} round {rnd} asks for an update trained "
+                f"from the same global weights and seed as run {first.get('run')!r} round "
+                f"{first.get('round')}, which this hospital already masked an update for; "
+                "refusing (two aggregates holding the same update could be differenced). "
+                "The round is lost; the next one trains with another seed")

@@ -8,6 +8,7 @@ the pinned public keys of the federation's members (JSON) and the state folder.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -122,8 +123,29 @@ def training_round(msg: Message, config_round: int, hospital: str) -> int:
     return keys.round
 
 
-def mask(msg: Message, node: NodeConfig, update: np.ndarray, weight: int) -> RecordDict:
-    """Quantize, share and mask the weighted update; the records to add to the train reply."""
+def training_input(msg: Message, seed: int) -> str:
+    """A digest of what the update is trained from: the global weights the message carries
+    (none for the benches' synthetic updates) and the training seed."""
+    digest = hashlib.sha256(f"fedmri-training-input\0{int(seed)}\0".encode())
+    arrays = msg.content.array_records.get(wire.ARRAYS)
+    for name in sorted(arrays or {}):
+        data = arrays[name].data  # type: ignore[index]
+        digest.update(b"%d:%s%d:" % (len(name), name.encode(), len(data)))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def refuse_used_input(msg: Message, node: NodeConfig, trained_from: str) -> None:
+    """Before training: refuse at once an input `mask` would refuse (see secagg_state)."""
+    keys = KeysBroadcast.from_bytes(
+        bytes(msg.content.config_records[wire.SECAGG][wire.SECAGG_KEYS]))  # type: ignore[arg-type]
+    _store(node).refuse_used_input(trained_from, keys.run_id, keys.round, node.hospital)
+
+
+def mask(msg: Message, node: NodeConfig, update: np.ndarray, weight: int,
+         trained_from: str) -> RecordDict:
+    """Quantize, share and mask the weighted update trained from `trained_from`
+    (`training_input`); the records to add to the train reply."""
     record = msg.content.config_records[wire.SECAGG]
     keys = KeysBroadcast.from_bytes(bytes(record[wire.SECAGG_KEYS]))  # type: ignore[arg-type]
     quant = QuantConfig(clip=float(record[wire.SECAGG_CLIP]),  # type: ignore[arg-type]
@@ -133,6 +155,7 @@ def mask(msg: Message, node: NodeConfig, update: np.ndarray, weight: int) -> Rec
     with store.locked(keys.run_id):
         client = _client(node, store.load(keys.run_id, keys.round, node.hospital))
         shares, masked, vote = client.share_and_mask(keys, quant.quantize(update, weight))
+        store.claim_input(trained_from, keys.run_id, keys.round, node.hospital)
         store.save(keys.run_id, keys.round, client.export_state())
     return RecordDict({
         wire.SECAGG: ConfigRecord({wire.SECAGG_SHARES: shares.to_bytes(),

@@ -99,13 +99,14 @@ def ok(*args: str, timeout: float = 180) -> str:
     return done.stdout
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 60) -> T:
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 60,
+             every_s: float = 0.5) -> T:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
-        time.sleep(0.5)
+        time.sleep(every_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 

@@ -83,7 +83,7 @@ class Hospitals:
         reply[wire.METRICS] = MetricRecord(metrics)
         if secure_client.is_secure(msg):
             masked = secure_client.mask(msg, node, flatten_update(local, global_state),
-                                        weight(index))
+                                        weight(index), secure_client.training_input(msg, rnd))
             for name, record in masked.items():
                 reply[name] = record
         else:

@@ -53,7 +53,8 @@ def hospital(msg: Message, context: Context) -> Message:
     node = NodeConfig.from_context(context)
     if msg.metadata.message_type == MessageType.TRAIN:
         rnd, index = int(msg.metadata.group_id), context.node_id
-        records = secure_client.mask(msg, node, update_of(index, rnd), weight_of(index))
+        records = secure_client.mask(msg, node, update_of(index, rnd), weight_of(index),
+                                     secure_client.training_input(msg, rnd))
         records[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: weight_of(index)})
         return Message(records, reply_to=msg)
     return secure_client.query_step(msg, node)
@@ -75,11 +76,19 @@ class Federation:
         self.rounds = rounds
         self.advertised: Advertised | None = None  # the next round's keys, as fedmri keeps them
         self.failures: dict[int, list[str]] = {}
+        self.run = RUN
+
+    def new_run(self, run: str) -> None:
+        """The same hospitals (keys, state folders) in another Flower run: a resumed or
+        repeated run, as the coordinator submits it after a restart."""
+        self.run, self.advertised = run, None
+        for context in self.grid.contexts.values():
+            context.run_id = int(run)
 
     def round(self, rnd: int) -> SecureResult | SecAggError:
         exchange = Exchange(self.grid, rnd, lambda event: None, {})
         # The loopback answers at once: a reply not there within a second was dropped.
-        secure = SecureRound(exchange, RUN, self.pinned, self.quant, LENGTH, 1.0, 1.0,
+        secure = SecureRound(exchange, self.run, self.pinned, self.quant, LENGTH, 1.0, 1.0,
                              advertised=self.advertised)
         nodes = sorted(self.grid.get_node_ids())
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.ROUND: rnd})})
@@ -262,6 +271,35 @@ def test_a_finished_round_cannot_be_rerun_or_replayed(tmp_path: Path) -> None:
     assert all("already revealed for round 1" in f for f in fed.failures[1]), fed.failures[1]
     with pytest.raises(ReplayError, match="already revealed for round 1"):
         hospital(unmask[2], fed.grid.contexts[2])
+
+
+def test_a_round_lost_after_masking_is_not_masked_again_in_another_run(tmp_path: Path) -> None:
+    """The coordinator stops after the masked updates of round 1 left (before or after the
+    unmask: a hospital cannot tell) and resumes in a new Flower run. Round 1's inputs are
+    refused there, so no second aggregate holds them: round 1 is lost, round 2 is exact."""
+    fed = Federation(tmp_path, n=3, rounds=2)
+    fed.grid.on_request = lambda rnd, stage, msg: stage in (wire.STAGE_ADVERTISE, wire.STAGE_MASK)
+    assert isinstance(fed.round(1), SecAggError)  # stopped: nothing after the masked updates
+    fed.grid.on_request = lambda rnd, stage, msg: True
+    fed.new_run("8")
+    again = fed.round(1)
+    assert isinstance(again, SecAggError), again
+    refusals = [f for f in fed.failures[1] if "ReplayError" in f]
+    assert len(refusals) == 3 and all("run '7' round 1" in f for f in refusals), refusals
+    assert_exact(fed.round(2), [1, 2, 3], 2)
+    for node in (1, 2, 3):
+        used = json.loads((fed.state_dirs[node] / "secagg-inputs.json").read_text())
+        assert sorted((u["run"], u["round"]) for u in used.values()) == [("7", 1), ("8", 2)]
+        assert oct((fed.state_dirs[node] / "secagg-inputs.json").stat().st_mode & 0o777) \
+            == "0o600"
+
+
+def test_an_unreadable_record_of_masked_inputs_refuses_every_round(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, n=3, rounds=1)
+    fed.state_dirs[2].mkdir(parents=True, mode=0o700)
+    (fed.state_dirs[2] / "secagg-inputs.json").write_text("{not json")
+    assert_exact(fed.round(1), [1, 3], 1)  # the others go on without it
+    assert any("hospital-2" in f and "unreadable" in f for f in fed.failures[1]), fed.failures
 
 
 def test_a_setup_the_server_changed_for_one_hospital_is_refused(tmp_path: Path) -> None:

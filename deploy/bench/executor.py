@@ -46,14 +46,16 @@ def measure(root: Path, rounds: int, size: int, subjects: int) -> dict[str, Any]
                                        "--approve-runs", "policy")
             if done.returncode != 0:
                 raise RuntimeError(done.stderr)
-        for variant, executor in VARIANTS.items():
+        for seed, (variant, executor) in enumerate(VARIANTS.items()):
             for hospital in HOSPITALS:
                 home = HospitalHome(fed.home(hospital))
                 home.write_config(replace(home.require(), executor=executor))
                 fed.start_hospital(hospital)
             fed.wait_online(len(HOSPITALS))
+            # A seed per variant: a hospital masks no second update from the same weights and
+            # seed (fedmri.client.secagg_state), so a repeated run would lose its first round.
             fed.run("--rounds", str(rounds), "--size", str(size), "--local-epochs", "1",
-                    "--stage-timeout", "120")
+                    "--stage-timeout", "120", "--seed", str(seed))
             status = fed.wait_run(timeout_s=1800)
             if status["state"] != "finished":
                 raise RuntimeError(f"{variant} run ended {status['state']}: "
