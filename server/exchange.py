@@ -8,6 +8,8 @@ that failed or did not answer) and return the same `RoundOutcome`, so the round 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 EventSink = Callable[[Event], None]
+Arrivals = queue.SimpleQueue[tuple[str, "list[Message] | Exception"]]
 
 
 @dataclass
@@ -99,14 +102,18 @@ class Exchange:
         """The replies without errors; every other message's node is failed."""
         self.bytes_down += sum(payload_bytes(m.content) for m in messages)
         replies = self._send_and_receive(messages, timeout_s)
-        answered = {r.metadata.src_node_id for r in replies}
+        # Replies are matched to what they answer: Flower's own error replies (a node that
+        # left) come from the SuperLink, not from the hospital's node.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = {r.metadata.reply_to_message_id for r in replies}
         for m in messages:
-            if m.metadata.dst_node_id not in answered:
+            if m.metadata.message_id not in answered:
                 self.fail(m.metadata.dst_node_id, f"no reply within {timeout_s:.0f}s")
         good = []
         for reply in replies:
             if reply.has_error():
-                self.fail(reply.metadata.src_node_id,
+                self.fail(node_of.get(reply.metadata.reply_to_message_id,
+                                      reply.metadata.src_node_id),
                           reply.error.reason or "error without reason")
             else:
                 good.append(reply)
@@ -114,21 +121,52 @@ class Exchange:
 
     def _send_and_receive(self, messages: list[Message], timeout_s: float) -> list[Message]:
         """Flower's Grid.send_and_receive, but asking for replies 50 ms after a change and at
-        most a second apart, instead of every 3 s: a secure round has 3-4 exchanges."""
+        most a second apart, instead of every 3 s (a secure round has 3-4 exchanges), and for
+        each reply on its own, in a thread: Flower keeps pulling the objects of a reply whose
+        upload a dying node left unfinished for minutes, and that must not hold the others'
+        replies past the deadline (the stuck pull ends in the background)."""
         pending = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + timeout_s
+        arrived: Arrivals = queue.SimpleQueue()
+        asking: set[str] = set()
         replies: list[Message] = []
         wait = POLL_S[0]
         while pending:
-            got = list(self.grid.pull_messages(pending))
+            for message_id in pending - asking:
+                asking.add(message_id)
+                threading.Thread(target=self._pull, args=(message_id, arrived),
+                                 daemon=True).start()
+            got = self._collect(arrived, asking, min(wait, deadline - time.monotonic()))
             replies += got
             pending -= {r.metadata.reply_to_message_id for r in got}
-            left = deadline - time.monotonic()
-            if not pending or left <= 0:
+            if not pending or time.monotonic() >= deadline:
                 break
             wait = POLL_S[0] if got else min(2 * wait, POLL_S[1])
-            time.sleep(min(wait, left))
         return replies
+
+    def _pull(self, message_id: str, arrived: Arrivals) -> None:
+        try:
+            arrived.put((message_id, list(self.grid.pull_messages([message_id]))))
+        except Exception as err:  # noqa: BLE001 - raised again in the round's thread
+            arrived.put((message_id, err))
+
+    @staticmethod
+    def _collect(arrived: Arrivals, asking: set[str], wait_s: float) -> list[Message]:
+        """The replies of the pulls that end within `wait_s`, once every pull asked has
+        ended or the time is up; a pull that ended is asked again next time."""
+        got: list[Message] = []
+        until = time.monotonic() + max(0.0, wait_s)
+        while asking:
+            try:
+                message_id, replies = arrived.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                break
+            asking.discard(message_id)
+            if isinstance(replies, Exception):
+                raise replies
+            got += replies
+        time.sleep(max(0.0, until - time.monotonic()))
+        return got
 
     def fail(self, node: int, reason: str) -> None:
         text = f"{self.names.get(node, f'node {node}')}: {reason}"

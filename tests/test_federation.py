@@ -128,3 +128,37 @@ def test_a_hospital_advertising_a_low_order_key_is_excluded(tmp_path: Path) -> N
     assert "low-order" in excluded[0].reason
     assert [e.round for e in events if isinstance(e, RoundDone)] == [1, 2]
     assert_moved(fed, start, mean_delta([1, 2, 3], 1) + mean_delta([1, 2, 3], 2), 1e-4)
+
+
+def test_a_reply_stuck_in_its_upload_holds_no_other_reply() -> None:
+    """Flower pulls the objects of a reply whose sender died mid-upload for minutes: the
+    exchange pulls each reply on its own, so the others arrive at once and the stuck one is
+    a named failure at the deadline, not minutes later."""
+    import threading
+    import time
+
+    from flwr.app import Context, Message, MessageType, RecordDict
+
+    from fedmri.server.exchange import Exchange
+
+    released = threading.Event()
+    contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(),
+                           run_config={}) for n in (1, 2, 3)}
+
+    class StuckUpload(LoopbackGrid):
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            got = list(super().pull_messages(message_ids))
+            if any(r.metadata.src_node_id == 2 for r in got):
+                released.wait(60)  # node 2's objects never complete
+            return got
+
+    grid = StuckUpload(contexts, lambda msg, ctx: Message(RecordDict(), reply_to=msg))
+    failed: list[object] = []
+    exchange = Exchange(grid, 1, failed.append, {2: "hospital-2"})
+    started = time.monotonic()
+    replies = exchange.send([exchange.message(RecordDict(), n, MessageType.QUERY)
+                             for n in (1, 2, 3)], timeout_s=1.0)
+    released.set()
+    assert time.monotonic() - started < 3.0
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]
+    assert exchange.failures == ["hospital-2: no reply within 1s"]
