@@ -12,12 +12,12 @@ import time
 import zlib
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmri.client import run_approval, secure_client
 from fedmri.common.config import RunConfig
-from fedmri.proto import wire
+from fedmri.proto import weights, wire
 from fedmri.proto.node_config import NodeConfig
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def _setup(msg: Message, context: Context) -> tuple[NodeConfig, RunConfig, torch
     # On a mesh each rank reads its own slab: this process needs only the cases' split.
     data = load_hospital(data_path, cfg, slab=(0, 0) if _on_mesh(node) else None)
     model = build_model(cfg)
-    model.load_state_dict(msg.content.array_records[wire.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(weights.unpack(msg.content))
     return node, cfg, model, data, time.perf_counter() - start
 
 
@@ -136,7 +136,8 @@ def train(msg: Message, context: Context) -> Message:
         for name, record in masked.items():
             reply[name] = record
     else:
-        reply[wire.ARRAYS] = ArrayRecord(model.state_dict())
+        for name, record in weights.pack(model.state_dict()).items():
+            reply[name] = record
     return Message(reply, reply_to=msg)
 
 

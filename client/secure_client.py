@@ -127,6 +127,8 @@ def training_input(msg: Message, seed: int) -> str:
     """A digest of what the update is trained from: the global weights the message carries
     (none for the benches' synthetic updates) and the training seed."""
     digest = hashlib.sha256(f"fedmri-training-input\0{int(seed)}\0".encode())
+    index = msg.content.config_records.get(wire.WEIGHTS_INDEX)
+    digest.update(str(dict(index or {})).encode())  # names, dtypes, shapes (proto.weights)
     arrays = msg.content.array_records.get(wire.ARRAYS)
     for name in sorted(arrays or {}):
         data = arrays[name].data  # type: ignore[index]

@@ -1,10 +1,12 @@
 """Names of the Flower message records exchanged between the ServerApp and the ClientApps.
 
 Plain FedAvg messages (Message API, flwr 1.4x):
-- train   server -> client: ARRAYS = global weights, CONFIG = RunConfig + ROUND + EVAL_FIRST
-          client -> server: ARRAYS = local weights, METRICS (NUM_EXAMPLES, TRAIN_LOSS, ...),
-                            INFO (INFO_HOSPITAL)
-- evaluate server -> client: ARRAYS, CONFIG; client -> server: METRICS (VAL_*), INFO
+- train   server -> client: ARRAYS + WEIGHTS_INDEX = global weights (fedmri.proto.weights),
+                            CONFIG = RunConfig + ROUND + EVAL_FIRST
+          client -> server: ARRAYS + WEIGHTS_INDEX = local weights, METRICS (NUM_EXAMPLES,
+                            TRAIN_LOSS, ...), INFO (INFO_HOSPITAL)
+- evaluate server -> client: ARRAYS + WEIGHTS_INDEX, CONFIG; client -> server: METRICS
+                            (VAL_*), INFO
 EVAL_FIRST asks the client to score the incoming global model on its validation split before
 training, which saves one message round trip per round. INFO_HOSPITAL is the field of a
 reply that names the sending hospital; the SuperNode's own config key for its name is
@@ -12,6 +14,7 @@ reply that names the sending hospital; the SuperNode's own config key for its na
 """
 
 ARRAYS = "arrays"
+WEIGHTS_INDEX = "weights-index"
 CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from flwr.app import Message, MessageType, RecordDict
 
-from fedmri.proto import wire
+from fedmri.proto import weights, wire
 from fedmri.server.exchange import Exchange, Reply, RoundOutcome, metrics_of, payload_bytes
 
 
@@ -67,14 +67,14 @@ def read_reply(reply: Message, expected: dict[str, torch.Tensor] | None) -> Repl
         raise ValueError("reply does not name its hospital") from err
     item = Reply(hospital, metrics_of(reply))
     if expected is not None:
-        if wire.ARRAYS not in content.array_records:
+        if not weights.has_weights(content):
             raise ValueError(f"hospital {hospital} returned no weights")
         if wire.NUM_EXAMPLES not in item.metrics:
             raise ValueError(f"hospital {hospital} did not report its number of examples")
         try:
-            item.state = content.array_records[wire.ARRAYS].to_torch_state_dict()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"hospital {hospital}: its weights do not decode ({err})") from err
+            item.state = weights.unpack(content)
+        except ValueError as err:
+            raise ValueError(f"hospital {hospital}: {err}") from err
         _check_layout(hospital, item.state, expected)
         item.upload_bytes = payload_bytes(content)
     return item

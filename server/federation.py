@@ -16,13 +16,13 @@ import time
 from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedmri.common.checkpoint import save_json, save_model
 from fedmri.common.config import RunConfig
 from fedmri.common.models import build_model
-from fedmri.proto import files, wire
+from fedmri.proto import files, weights, wire
 from fedmri.proto.events import Done, EventLog, Resumed, RoundDone, RoundSkipped, Started, Validated
 from fedmri.proto.report import HospitalRound, RoundRecord
 from fedmri.proto.run_config import ServerSettings
@@ -100,7 +100,7 @@ class Federation:
 
     def _round_content(self, rnd: int, eval_first: bool) -> RecordDict:
         config = ConfigRecord({**self.cfg.to_dict(), wire.ROUND: rnd, wire.EVAL_FIRST: eval_first})
-        return RecordDict({wire.ARRAYS: ArrayRecord(self.global_state), wire.CONFIG: config})
+        return RecordDict({**weights.pack(self.global_state), wire.CONFIG: config})
 
     def _exchange(self, rnd: int) -> Exchange:
         return Exchange(self.grid, rnd, self.emit, self.node_names)

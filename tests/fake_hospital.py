@@ -7,7 +7,6 @@ its name says."""
 from __future__ import annotations
 
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -21,7 +20,7 @@ from fedmri.common.identity import load_identity
 from fedmri.common.secagg import Advertise, Reveal
 from fedmri.common.secagg.crypto import advertise_payload
 from fedmri.common.vectors import flatten_update
-from fedmri.proto import wire
+from fedmri.proto import weights, wire
 from fedmri.proto.node_config import NodeConfig
 
 FAULTY = "faulty-"
@@ -74,7 +73,7 @@ class Hospitals:
         if kind == MessageType.EVALUATE:
             return Message(reply, reply_to=msg)
         rnd = int(msg.metadata.group_id)
-        global_state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        global_state = weights.unpack(msg.content)
         local = {k: v + delta(index, rnd) if v.is_floating_point() else v
                  for k, v in global_state.items()}
         declared = 10**6 if fault == "bad-weight" else weight(index)
@@ -87,7 +86,8 @@ class Hospitals:
             for name, record in masked.items():
                 reply[name] = record
         else:
-            reply[wire.ARRAYS] = ArrayRecord(local)
+            for name, record in weights.pack(local).items():
+                reply[name] = record
         return Message(reply, reply_to=msg)
 
 

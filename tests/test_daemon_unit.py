@@ -243,10 +243,10 @@ def test_a_lying_coordinator_gets_a_refusal_not_the_weights(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secure: bool, rnd: int,
         match: str) -> None:
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     import fedmri.client.app as client_app
-    from fedmri.proto import wire
+    from fedmri.proto import weights, wire
 
     cfg = RunConfig(secure=secure, rounds=2)
     model = torch.nn.Linear(2, 2)
@@ -261,7 +261,7 @@ def test_a_lying_coordinator_gets_a_refusal_not_the_weights(
     # A train message with no secure-aggregation records, for a run declared secure; or a
     # round beyond the run's.
     content = RecordDict({wire.CONFIG: ConfigRecord({**cfg.to_dict(), wire.ROUND: rnd}),
-                          wire.ARRAYS: ArrayRecord(model.state_dict())})
+                          **weights.pack(model.state_dict())})
     msg = Message(content=content, dst_node_id=1, message_type="train")
     ctx = Context(run_id=42, node_id=1, node_config={}, state=RecordDict(),
                   run_config=cfg.to_dict())
@@ -322,3 +322,4 @@ def test_a_ticket_must_match_the_fingerprint_given_by_phone(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="missing --coordinator, --token"):
         _enrolment(argparse.Namespace(ticket=None, coordinator=None, token=None,
                                       name="h", ca_fingerprint="x"))
+

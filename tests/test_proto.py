@@ -96,3 +96,45 @@ def test_no_contract_name_is_spelled_outside_proto() -> None:
              for room in RUNTIME_ROOMS for path in sorted((REPO / room).rglob("*.py"))
              for literal in _literals(path) & names}
     assert not found, "spell these through fedmri.proto:\n" + "\n".join(sorted(found))
+
+
+def test_weights_travel_as_one_array_and_come_back_exactly() -> None:
+    import torch
+    from flwr.app import RecordDict
+
+    from fedmri.common.config import RunConfig
+    from fedmri.common.models import build_model
+    from fedmri.proto import weights
+
+    state = build_model(RunConfig(size=16, conv_backend="aten")).state_dict()
+    state["flag"] = torch.tensor([True, False])
+    state["empty"] = torch.zeros(0, 3, dtype=torch.float64)
+    records = weights.pack(state)
+    assert len(records[wire.ARRAYS]) == 1  # one Flower object for all tensors
+    back = weights.unpack(RecordDict(records))
+    assert list(back) == list(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+@pytest.mark.parametrize(("index", "match"), [
+    ("not json", "do not decode"),
+    ('{"a": 1}', "not a list"),
+    ('[["w", "|O", [2]]]', "bad entry"),
+    ('[["w", "<f4", [-1]]]', "bad entry"),
+    ('[["w", "<f4", [true]]]', "bad entry"),
+    ('[["w", "<f4", [1]], ["w", "<f4", [1]]]', "twice"),
+    ('[["w", "<f4", [3]]]', "accounts for 12 bytes, the packed array holds 8"),
+])
+def test_hostile_weights_are_refused_saying_what(index: str, match: str) -> None:
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedmri.proto import weights
+
+    records = weights.pack({"w": torch.zeros(2)})
+    records[wire.WEIGHTS_INDEX] = ConfigRecord({weights.INDEX: index})
+    with pytest.raises(ValueError, match=match):
+        weights.unpack(RecordDict(records))
+    with pytest.raises(ValueError, match="carries no weights"):
+        weights.unpack(RecordDict({wire.ARRAYS: records[wire.ARRAYS]}))
