@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from fedmri.client.home import HospitalHome, HospitalSettings
 from fedmri.common.checkpoint import save_json, write_private
 from fedmri.common.processes import (
     Supervisor,
-    executable,
     flower_env,
     free_port,
     interrupt_on_sigterm,
@@ -47,7 +47,9 @@ def node_config(home: HospitalHome, settings: HospitalSettings) -> NodeConfig:
 def supernode_argv(home: HospitalHome, settings: HospitalSettings, runtime_port: int
                    ) -> list[str]:
     isolation = supernode_args(home.executor_secret) if settings.executor else []
-    return [executable("flower-supernode"), "--root-certificates", str(home.ca_cert),
+    # Flower's SuperNode, with shorter waits while a run is busy (fedmri.client.supernode).
+    return [sys.executable, "-m", "fedmri.client.supernode",
+            "--root-certificates", str(home.ca_cert),
             "--superlink", settings.superlink,
             "--auth-supernode-private-key", str(home.node_key),
             "--node-config", node_config(home, settings).to_node_config_arg(),

@@ -323,3 +323,47 @@ def test_a_ticket_must_match_the_fingerprint_given_by_phone(tmp_path: Path) -> N
         _enrolment(argparse.Namespace(ticket=None, coordinator=None, token=None,
                                       name="h", ca_fingerprint="x"))
 
+
+def test_the_supernode_polls_fast_only_while_a_run_is_busy() -> None:
+    """fedmri.client.supernode: Flower's 3 s idle wait shortened within BUSY_S of the last
+    message, its 0.5 s reply wait and its object-pull backoff always; other sleeps and time
+    functions untouched."""
+    from types import SimpleNamespace
+
+    from fedmri.client import supernode
+
+    now, slept = [1000.0], list[float]()
+    clock = supernode.BusyClock(now=lambda: now[0], sleep=slept.append)
+    pulled = iter([None, 42, None])
+    module = SimpleNamespace(__name__="flower_loop", time=None,
+                             _pull_and_store_message=lambda *a, **k: next(pulled),
+                             pull_objects=lambda ids, **kwargs: kwargs)
+    supernode.patch(module, clock)  # type: ignore[arg-type]
+    assert module.pull_objects(["a"], pull_object_fn=print) == {
+        "pull_object_fn": print, "initial_backoff": supernode.OBJECT_BACKOFF_S[0],
+        "backoff_cap": supernode.OBJECT_BACKOFF_S[1]}
+    assert module.time is clock and clock.time() > 0  # delegates what it does not change
+    assert module._pull_and_store_message() is None
+    module.time.sleep(supernode.FLOWER_IDLE_S)  # no run yet: Flower's own wait
+    assert module._pull_and_store_message() == 42  # a message: busy from now
+    module.time.sleep(supernode.FLOWER_REPLY_S)
+    module.time.sleep(supernode.FLOWER_IDLE_S)
+    module.time.sleep(7)
+    now[0] += supernode.BUSY_S + 1  # quiet for longer than BUSY_S
+    module.time.sleep(supernode.FLOWER_IDLE_S)
+    assert slept == [3, supernode.REPLY_POLL_S, supernode.BUSY_POLL_S, 7, 3]
+    with pytest.raises(RuntimeError, match="has no '_pull_and_store_message'"):
+        supernode.patch(SimpleNamespace(__name__="changed", time=None),  # type: ignore[arg-type]
+                        clock)
+
+
+def test_the_supernode_patch_fits_the_installed_flower() -> None:
+    """The names the patch replaces are the ones flwr's SuperNode loop uses."""
+    import inspect
+
+    from flwr.supernode import start_client_internal as loop
+
+    source = inspect.getsource(loop.start_client_internal)
+    assert "_pull_and_store_message(" in source and "time.sleep(3)" in source
+    assert "pull_objects(" in inspect.getsource(loop._pull_and_store_message)
+    assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)
