@@ -52,6 +52,9 @@ def _setup(msg: Message, context: Context) -> tuple[NodeConfig, RunConfig, torch
     data = load_hospital(data_path, cfg, slab=(0, 0) if _on_mesh(node) else None)
     model = build_model(cfg)
     model.load_state_dict(weights.unpack(msg.content))
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the global weights' {name} holds NaN or infinite values")
     return node, cfg, model, data, time.perf_counter() - start
 
 
@@ -108,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
     evaluate_first = bool(config.get(wire.EVAL_FIRST, False))
     seed = cfg.seed + 1000 * rnd + zlib.crc32(hospital.encode()) % 1000
-    trained_from = secure_client.training_input(msg, seed)
+    trained_from = secure_client.training_input(model.state_dict(), seed)
     if secure_client.is_secure(msg):
         secure_client.refuse_used_input(msg, node, trained_from)  # before hours of training
     global_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -146,10 +146,12 @@ class RoundStateStore:
             return {}
         try:
             used = json.loads(path.read_text())
-            if not isinstance(used, dict):
-                raise TypeError("not a mapping")
+            if not isinstance(used, dict) or not all(
+                    isinstance(e, dict) and isinstance(e.get("run"), str)
+                    and isinstance(e.get("round"), int) for e in used.values()):
+                raise TypeError("not a mapping of inputs to their run and round")
             return used
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RecursionError) as err:
             raise ReplayError(f"the record of masked training inputs {path} is unreadable "
                               f"({err}); refusing to take part until an operator checks it"
                               ) from err
@@ -168,6 +170,16 @@ class RoundStateStore:
             if digest not in used:
                 used[digest] = {"run": run_id, "round": int(rnd), "at": round(time.time(), 3)}
                 write_private(self._inputs_path(), json.dumps(used).encode())
+
+    def refuse_masked_round(self, run_id: str, rnd: int, hospital: str) -> None:
+        """ReplayError if this hospital already masked an update for (run, round)."""
+        with self._flock("secagg-inputs.lock"):
+            if any((e["run"], e["round"]) == (run_id, int(rnd))
+                   for e in self._inputs().values()):
+                raise ReplayError(
+                    f"hospital {hospital}: a new setup for run {run_id!r} round {rnd}, for "
+                    "which it already masked an update; refusing (fresh keys would give the "
+                    "coordinator a second masked copy of that update)")
 
     @staticmethod
     def _refuse(used: dict[str, dict[str, object]], digest: str, run_id: str, rnd: int,

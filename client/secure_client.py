@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -58,6 +60,9 @@ def _advertise(setup: RoundSetup, node: NodeConfig) -> bytes:
     store = _store(node)
     with store.locked(setup.run_id):
         store.refuse_replay(setup.run_id, setup.round, node.hospital, "a round setup")
+        # Fresh keys for a round it already masked an update for would let a coordinator
+        # that withheld its unmask request collect a second masked copy of that update.
+        store.refuse_masked_round(setup.run_id, setup.round, node.hospital)
         client = _client(node)
         advert = client.advertise(setup)
         store.save(setup.run_id, setup.round, client.export_state())
@@ -123,16 +128,18 @@ def training_round(msg: Message, config_round: int, hospital: str) -> int:
     return keys.round
 
 
-def training_input(msg: Message, seed: int) -> str:
-    """A digest of what the update is trained from: the global weights the message carries
-    (none for the benches' synthetic updates) and the training seed."""
+def training_input(state: Mapping[str, Any], seed: int) -> str:
+    """A digest of what an update is trained from: the training seed and the global weights as
+    the model holds them once loaded (its own dtypes, names sorted, -0.0 as 0.0), so the same
+    weights sent in another encoding (another dtype, order or index) give the same digest."""
     digest = hashlib.sha256(f"fedmri-training-input\0{int(seed)}\0".encode())
-    index = msg.content.config_records.get(wire.WEIGHTS_INDEX)
-    digest.update(str(dict(index or {})).encode())  # names, dtypes, shapes (proto.weights)
-    arrays = msg.content.array_records.get(wire.ARRAYS)
-    for name in sorted(arrays or {}):
-        data = arrays[name].data  # type: ignore[index]
-        digest.update(b"%d:%s%d:" % (len(name), name.encode(), len(data)))
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        if tensor.is_floating_point():
+            tensor = tensor + 0.0  # -0.0 becomes 0.0: the same weight
+        data = tensor.numpy().tobytes()
+        digest.update(b"%d:%s:%s:%d:" % (len(name), name.encode(), str(tensor.dtype).encode(),
+                                          len(data)))
         digest.update(data)
     return digest.hexdigest()
 

@@ -28,6 +28,7 @@ BUSY_S = 120.0  # a run's exchanges follow each other within seconds; a new run 
 BUSY_POLL_S = 0.1
 REPLY_POLL_S = 0.05
 OBJECT_BACKOFF_S = (0.05, 1.0)  # first retry, cap (Flower's: 1 s, 10 s)
+OBJECT_TRIES = 5000  # at the 1 s cap as long as Flower's 500 tries at 10 s: about 83 min
 FLOWER_IDLE_S, FLOWER_REPLY_S = 3, 0.5  # flwr 1.42's waits, as written in the module
 
 
@@ -72,6 +73,7 @@ def patch(module: ModuleType, clock: BusyClock) -> None:
     def pull_objects_sooner(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("initial_backoff", OBJECT_BACKOFF_S[0])
         kwargs.setdefault("backoff_cap", OBJECT_BACKOFF_S[1])
+        kwargs.setdefault("max_tries_per_object", OBJECT_TRIES)
         return pull_objects(*args, **kwargs)
 
     module.time = clock  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ against its own model (the server: fedmri.server.fedavg; a hospital: load_state_
 
 from __future__ import annotations
 
+import io
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ PACKED = "packed"
 INDEX = "index"
 DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1")
 MAX_TENSORS = 100_000
+MAX_INDEX_CHARS = 8 << 20
 
 
 def pack(state: dict[str, torch.Tensor]) -> dict[str, ArrayRecord | ConfigRecord]:
@@ -49,7 +51,10 @@ def has_weights(content: RecordDict) -> bool:
 
 
 def _entries(raw: Any) -> list[tuple[str, np.dtype[Any], tuple[int, ...]]]:
-    index = json.loads(raw) if isinstance(raw, str) else None
+    if not isinstance(raw, str) or len(raw) > MAX_INDEX_CHARS:
+        raise ValueError("the weights' index is not a JSON text of at most "
+                         f"{MAX_INDEX_CHARS} characters")
+    index = json.loads(raw)
     if not isinstance(index, list) or len(index) > MAX_TENSORS:
         raise ValueError("the weights' index is not a list of tensors")
     out, seen = [], set()
@@ -66,6 +71,26 @@ def _entries(raw: Any) -> list[tuple[str, np.dtype[Any], tuple[int, ...]]]:
     return out
 
 
+def _bytes_of(record: ArrayRecord) -> np.ndarray:
+    """The packed Array's bytes, without letting its .npy header allocate anything: the
+    header must declare a 1-D uint8 array exactly as long as the bytes that follow it."""
+    if list(record) != [PACKED]:
+        raise ValueError(f"the weights' ArrayRecord holds {sorted(record)[:3]}, not [{PACKED!r}]")
+    data = record[PACKED].data
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"the packed weights use .npy version {version}")
+    if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(data) - stream.tell():
+        raise ValueError(f"the packed weights' header declares {dtype} {shape}, not the "
+                         f"{len(data) - stream.tell()} bytes that follow it")
+    return np.frombuffer(data, dtype=np.uint8, offset=stream.tell())
+
+
 def unpack(content: RecordDict) -> dict[str, torch.Tensor]:
     """The state dict a message carries; ValueError saying what is wrong with it."""
     import torch
@@ -74,11 +99,9 @@ def unpack(content: RecordDict) -> dict[str, torch.Tensor]:
         raise ValueError("the message carries no weights")
     try:
         entries = _entries(content.config_records[wire.WEIGHTS_INDEX][INDEX])
-        blob = content.array_records[wire.ARRAYS][PACKED].numpy()
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"the weights do not decode ({err})") from err
-    if blob.dtype != np.uint8 or blob.ndim != 1:
-        raise ValueError(f"the packed weights are {blob.dtype} {blob.shape}, not bytes")
+        blob = _bytes_of(content.array_records[wire.ARRAYS])
+    except Exception as err:  # noqa: BLE001 - whatever a crafted record raises is a refusal
+        raise ValueError(f"the weights do not decode: {err}"[:500]) from err
     sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in entries]
     if sum(sizes) != blob.size:
         raise ValueError(f"the weights' index accounts for {sum(sizes)} bytes, the packed "

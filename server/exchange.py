@@ -101,13 +101,17 @@ class Exchange:
     def send(self, messages: list[Message], timeout_s: float) -> list[Message]:
         """The replies without errors; every other message's node is failed."""
         self.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        replies = self._send_and_receive(messages, timeout_s)
         # Replies are matched to what they answer: Flower's own error replies (a node that
         # left) come from the SuperLink, not from the hospital's node.
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        replies, unreadable = self._send_and_receive(messages, timeout_s)
         answered = {r.metadata.reply_to_message_id for r in replies}
         for m in messages:
-            if m.metadata.message_id not in answered:
+            message_id = m.metadata.message_id
+            if message_id in unreadable:
+                self.fail(m.metadata.dst_node_id,
+                          f"its reply could not be read ({unreadable[message_id]})")
+            elif message_id not in answered:
                 self.fail(m.metadata.dst_node_id, f"no reply within {timeout_s:.0f}s")
         good = []
         for reply in replies:
@@ -119,54 +123,66 @@ class Exchange:
                 good.append(reply)
         return good
 
-    def _send_and_receive(self, messages: list[Message], timeout_s: float) -> list[Message]:
+    def _send_and_receive(self, messages: list[Message], timeout_s: float
+                          ) -> tuple[list[Message], dict[str, str]]:
         """Flower's Grid.send_and_receive, but asking for replies 50 ms after a change and at
         most a second apart, instead of every 3 s (a secure round has 3-4 exchanges), and for
         each reply on its own, in a thread: Flower keeps pulling the objects of a reply whose
         upload a dying node left unfinished for minutes, and that must not hold the others'
-        replies past the deadline (the stuck pull ends in the background)."""
+        replies past the deadline (the stuck pull ends in the background); a reply that
+        cannot be pulled (a hospital's malformed objects) fails that message alone. Returns
+        the replies and, by message id, why a reply could not be read.
+        One small request per pending reply per poll: about N a second for N hospitals
+        while they train, to the SuperLink on the same host."""
         pending = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + timeout_s
         arrived: Arrivals = queue.SimpleQueue()
         asking: set[str] = set()
         replies: list[Message] = []
+        unreadable: dict[str, str] = {}
         wait = POLL_S[0]
         while pending:
             for message_id in pending - asking:
                 asking.add(message_id)
                 threading.Thread(target=self._pull, args=(message_id, arrived),
                                  daemon=True).start()
-            got = self._collect(arrived, asking, min(wait, deadline - time.monotonic()))
-            replies += got
-            pending -= {r.metadata.reply_to_message_id for r in got}
+            got = 0
+            for message_id, result in self._collect(arrived, asking,
+                                                    min(wait, deadline - time.monotonic())):
+                if isinstance(result, Exception):
+                    unreadable[message_id] = f"{type(result).__name__}: {result}"[:300]
+                    pending.discard(message_id)
+                    continue
+                replies += result
+                got += len(result)
+                pending -= {r.metadata.reply_to_message_id for r in result}
             if not pending or time.monotonic() >= deadline:
                 break
             wait = POLL_S[0] if got else min(2 * wait, POLL_S[1])
-        return replies
+        return replies, unreadable
 
     def _pull(self, message_id: str, arrived: Arrivals) -> None:
         try:
             arrived.put((message_id, list(self.grid.pull_messages([message_id]))))
-        except Exception as err:  # noqa: BLE001 - raised again in the round's thread
+        except Exception as err:  # noqa: BLE001 - that message fails, not the round
             arrived.put((message_id, err))
 
     @staticmethod
-    def _collect(arrived: Arrivals, asking: set[str], wait_s: float) -> list[Message]:
-        """The replies of the pulls that end within `wait_s`, once every pull asked has
-        ended or the time is up; a pull that ended is asked again next time."""
-        got: list[Message] = []
+    def _collect(arrived: Arrivals, asking: set[str], wait_s: float
+                 ) -> list[tuple[str, list[Message] | Exception]]:
+        """The pulls that end within `wait_s`, once every pull asked has ended or the time
+        is up; a pull that ended is asked again next time."""
+        ended: list[tuple[str, list[Message] | Exception]] = []
         until = time.monotonic() + max(0.0, wait_s)
         while asking:
             try:
-                message_id, replies = arrived.get(timeout=max(0.0, until - time.monotonic()))
+                message_id, result = arrived.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
                 break
             asking.discard(message_id)
-            if isinstance(replies, Exception):
-                raise replies
-            got += replies
+            ended.append((message_id, result))
         time.sleep(max(0.0, until - time.monotonic()))
-        return got
+        return ended
 
     def fail(self, node: int, reason: str) -> None:
         text = f"{self.names.get(node, f'node {node}')}: {reason}"

@@ -81,8 +81,9 @@ class Hospitals:
                         wire.TRAIN_SECONDS: 0.5})
         reply[wire.METRICS] = MetricRecord(metrics)
         if secure_client.is_secure(msg):
+            trained_from = secure_client.training_input(global_state, rnd)
             masked = secure_client.mask(msg, node, flatten_update(local, global_state),
-                                        weight(index), secure_client.training_input(msg, rnd))
+                                        weight(index), trained_from)
             for name, record in masked.items():
                 reply[name] = record
         else:

@@ -341,7 +341,8 @@ def test_the_supernode_polls_fast_only_while_a_run_is_busy() -> None:
     supernode.patch(module, clock)  # type: ignore[arg-type]
     assert module.pull_objects(["a"], pull_object_fn=print) == {
         "pull_object_fn": print, "initial_backoff": supernode.OBJECT_BACKOFF_S[0],
-        "backoff_cap": supernode.OBJECT_BACKOFF_S[1]}
+        "backoff_cap": supernode.OBJECT_BACKOFF_S[1],
+        "max_tries_per_object": supernode.OBJECT_TRIES}
     assert module.time is clock and clock.time() > 0  # delegates what it does not change
     assert module._pull_and_store_message() is None
     module.time.sleep(supernode.FLOWER_IDLE_S)  # no run yet: Flower's own wait

@@ -162,3 +162,29 @@ def test_a_reply_stuck_in_its_upload_holds_no_other_reply() -> None:
     assert time.monotonic() - started < 3.0
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]
     assert exchange.failures == ["hospital-2: no reply within 1s"]
+
+
+def test_a_reply_that_cannot_be_pulled_fails_that_hospital_alone() -> None:
+    """A hospital uploads objects Flower cannot inflate: pulling its reply raises; that
+    hospital is a named failure, the others' replies count, the round goes on."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+
+    from fedmri.server.exchange import Exchange
+
+    contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(),
+                           run_config={}) for n in (1, 2, 3)}
+
+    class MalformedUpload(LoopbackGrid):
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            got = list(super().pull_messages(message_ids))
+            if any(r.metadata.src_node_id == 3 for r in got):
+                raise ValueError("Expecting value: line 1 column 1 (char 0)")
+            return got
+
+    grid = MalformedUpload(contexts, lambda msg, ctx: Message(RecordDict(), reply_to=msg))
+    exchange = Exchange(grid, 1, lambda event: None, {3: "hospital-3"})
+    replies = exchange.send([exchange.message(RecordDict(), n, MessageType.QUERY)
+                             for n in (1, 2, 3)], timeout_s=5.0)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    assert exchange.failures == ["hospital-3: its reply could not be read (ValueError: "
+                                 "Expecting value: line 1 column 1 (char 0))"]

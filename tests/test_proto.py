@@ -138,3 +138,40 @@ def test_hostile_weights_are_refused_saying_what(index: str, match: str) -> None
         weights.unpack(RecordDict(records))
     with pytest.raises(ValueError, match="carries no weights"):
         weights.unpack(RecordDict({wire.ARRAYS: records[wire.ARRAYS]}))
+
+
+def _packed_with(data: bytes) -> object:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fedmri.proto import weights
+
+    return RecordDict({wire.ARRAYS: ArrayRecord({weights.PACKED: Array(
+        dtype="uint8", shape=(len(data),), stype="numpy.ndarray", data=data)}),
+        wire.WEIGHTS_INDEX: ConfigRecord({weights.INDEX: '[["w", "<f4", [2]]]'})})
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b"", "do not decode"),
+    (b"PK\x03\x04" + bytes(60), "do not decode"),  # a zip, which np.load would open
+    # a header declaring 2^45 bytes: refused before anything is allocated
+    (b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (35184372088832,), }"
+     .ljust(128 + 8, b" ")[:127 + 8] + b"\n", "declares"),
+])
+def test_crafted_packed_bytes_are_a_clear_refusal(data: bytes, match: str) -> None:
+    from fedmri.proto import weights
+
+    with pytest.raises(ValueError, match=match):
+        weights.unpack(_packed_with(data))  # type: ignore[arg-type]
+
+
+def test_a_deeply_nested_or_huge_index_is_a_clear_refusal() -> None:
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedmri.proto import weights
+
+    records = weights.pack({"w": torch.zeros(2)})
+    for index in ("[" * 100_000 + "]" * 100_000, " " * (weights.MAX_INDEX_CHARS + 1)):
+        records[wire.WEIGHTS_INDEX] = ConfigRecord({weights.INDEX: index})
+        with pytest.raises(ValueError):
+            weights.unpack(RecordDict(records))

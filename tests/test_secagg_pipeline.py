@@ -54,7 +54,7 @@ def hospital(msg: Message, context: Context) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN:
         rnd, index = int(msg.metadata.group_id), context.node_id
         records = secure_client.mask(msg, node, update_of(index, rnd), weight_of(index),
-                                     secure_client.training_input(msg, rnd))
+                                     secure_client.training_input({}, rnd))
         records[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: weight_of(index)})
         return Message(records, reply_to=msg)
     return secure_client.query_step(msg, node)
@@ -368,3 +368,47 @@ def test_two_unmask_requests_at_once_reveal_only_once(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["ReplayError", "revealed"]
+
+
+def test_the_same_weights_in_another_encoding_are_the_same_training_input() -> None:
+    """A lying coordinator re-encoding the weights (another dtype, order, -0.0) to get a
+    second masked update from the same input: the digest is of the weights as loaded."""
+    import torch
+    from flwr.app import RecordDict
+
+    from fedmri.proto import weights
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.bias[0] = 0.0
+    state = model.state_dict()
+
+    def loaded(sent: dict[str, torch.Tensor]) -> str:
+        target = torch.nn.Linear(3, 2)
+        target.load_state_dict(weights.unpack(RecordDict(weights.pack(sent))))
+        return secure_client.training_input(target.state_dict(), 5)
+
+    first = loaded(state)
+    assert loaded({k: v.double() for k, v in state.items()}) == first
+    assert loaded(dict(reversed(list(state.items())))) == first
+    negative = {k: v.clone() for k, v in state.items()}
+    negative["bias"][0] = -0.0
+    assert loaded(negative) == first
+    assert secure_client.training_input(state, 6) != first  # another seed
+    moved = {k: v + 1e-3 for k, v in state.items()}
+    assert loaded(moved) != first  # other weights
+
+
+def test_a_round_whose_unmask_was_withheld_gets_no_fresh_keys(tmp_path: Path) -> None:
+    """The coordinator keeps hospital-1 out of round 1's unmask (the others reveal for it),
+    then sets round 1 up again: hospital-1, which masked an update for it, refuses new keys,
+    the others refuse as they revealed; no second masked copy of any update."""
+    fed = Federation(tmp_path, n=3, rounds=1)
+    fed.grid.on_request = lambda rnd, stage, msg: not (
+        stage == wire.STAGE_UNMASK and msg.metadata.dst_node_id == 1)
+    assert_exact(fed.round(1), [1, 2, 3], 1)
+    fed.grid.on_request = lambda rnd, stage, msg: True
+    assert isinstance(fed.round(1), SecAggError)
+    refusal = next(f for f in fed.failures[1] if "hospital hospital-1:" in f)
+    assert "already masked an update" in refusal, fed.failures[1]
+    assert fed.grid.stages(1)[wire.STAGE_MASK].count(1) == 1  # masked once, never again

@@ -144,7 +144,7 @@ def _secure_train(msg: Message, context: Context) -> Message:
     with measured(context, "ours"):
         index, cohort = cohort_client(context)
         reply = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: cohort.weight(index)})})
-        trained_from = secure_client.training_input(msg, int(msg.metadata.group_id))
+        trained_from = secure_client.training_input({}, int(msg.metadata.group_id))
         records = secure_client.mask(msg, NodeConfig.from_context(context), cohort.vector(index),
                                      cohort.weight(index), trained_from)
         for name, record in records.items():
