@@ -101,10 +101,11 @@ class Exchange:
     def send(self, messages: list[Message], timeout_s: float) -> list[Message]:
         """The replies without errors; every other message's node is failed."""
         self.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        # Replies are matched to what they answer: Flower's own error replies (a node that
-        # left) come from the SuperLink, not from the hospital's node.
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         replies, unreadable = self._send_and_receive(messages, timeout_s)
+        # Replies are matched to what they answer (the push gave the messages their ids):
+        # Flower's own error replies (a node that left) come from the SuperLink, not from
+        # the hospital's node.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = {r.metadata.reply_to_message_id for r in replies}
         for m in messages:
             message_id = m.metadata.message_id

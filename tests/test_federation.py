@@ -130,6 +130,16 @@ def test_a_hospital_advertising_a_low_order_key_is_excluded(tmp_path: Path) -> N
     assert_moved(fed, start, mean_delta([1, 2, 3], 1) + mean_delta([1, 2, 3], 2), 1e-4)
 
 
+def _three_node_grid(kind: type[LoopbackGrid], handle: object = None) -> LoopbackGrid:
+    """A loopback grid of `kind` over nodes 1-3 that answer each message with an empty
+    reply (or as `handle` does)."""
+    from flwr.app import Context, Message, RecordDict
+
+    contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(),
+                           run_config={}) for n in (1, 2, 3)}
+    return kind(contexts, handle or (lambda msg, ctx: Message(RecordDict(), reply_to=msg)))
+
+
 def test_a_reply_stuck_in_its_upload_holds_no_other_reply() -> None:
     """Flower pulls the objects of a reply whose sender died mid-upload for minutes: the
     exchange pulls each reply on its own, so the others arrive at once and the stuck one is
@@ -137,13 +147,11 @@ def test_a_reply_stuck_in_its_upload_holds_no_other_reply() -> None:
     import threading
     import time
 
-    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.app import MessageType, RecordDict
 
     from fedmri.server.exchange import Exchange
 
     released = threading.Event()
-    contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(),
-                           run_config={}) for n in (1, 2, 3)}
 
     class StuckUpload(LoopbackGrid):
         def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
@@ -152,7 +160,7 @@ def test_a_reply_stuck_in_its_upload_holds_no_other_reply() -> None:
                 released.wait(60)  # node 2's objects never complete
             return got
 
-    grid = StuckUpload(contexts, lambda msg, ctx: Message(RecordDict(), reply_to=msg))
+    grid = _three_node_grid(StuckUpload)
     failed: list[object] = []
     exchange = Exchange(grid, 1, failed.append, {2: "hospital-2"})
     started = time.monotonic()
@@ -167,12 +175,9 @@ def test_a_reply_stuck_in_its_upload_holds_no_other_reply() -> None:
 def test_a_reply_that_cannot_be_pulled_fails_that_hospital_alone() -> None:
     """A hospital uploads objects Flower cannot inflate: pulling its reply raises; that
     hospital is a named failure, the others' replies count, the round goes on."""
-    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.app import MessageType, RecordDict
 
     from fedmri.server.exchange import Exchange
-
-    contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(),
-                           run_config={}) for n in (1, 2, 3)}
 
     class MalformedUpload(LoopbackGrid):
         def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
@@ -181,10 +186,32 @@ def test_a_reply_that_cannot_be_pulled_fails_that_hospital_alone() -> None:
                 raise ValueError("Expecting value: line 1 column 1 (char 0)")
             return got
 
-    grid = MalformedUpload(contexts, lambda msg, ctx: Message(RecordDict(), reply_to=msg))
+    grid = _three_node_grid(MalformedUpload)
     exchange = Exchange(grid, 1, lambda event: None, {3: "hospital-3"})
     replies = exchange.send([exchange.message(RecordDict(), n, MessageType.QUERY)
                              for n in (1, 2, 3)], timeout_s=5.0)
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
     assert exchange.failures == ["hospital-3: its reply could not be read (ValueError: "
                                  "Expecting value: line 1 column 1 (char 0))"]
+
+
+def test_an_error_reply_from_the_superlink_names_the_hospital_asked() -> None:
+    """Flower answers for a node that left with an error reply from the SuperLink (another
+    source node): the failure names the hospital the message went to."""
+    from flwr.app import Error, Message, MessageType, RecordDict
+
+    from fedmri.server.exchange import Exchange
+
+    def superlink_answers_for_2(msg: Message, ctx: object) -> Message:
+        if msg.metadata.dst_node_id != 2:
+            return Message(RecordDict(), reply_to=msg)
+        reply = Message(Error(0, "Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink's replies carry
+        return reply
+
+    grid = _three_node_grid(LoopbackGrid, superlink_answers_for_2)
+    exchange = Exchange(grid, 1, lambda event: None, {1: "hospital-1", 2: "hospital-2"})
+    replies = exchange.send([exchange.message(RecordDict(), n, MessageType.QUERY)
+                             for n in (1, 2, 3)], timeout_s=5.0)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]
+    assert exchange.failures == ["hospital-2: Node Unavailable"]
