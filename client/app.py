@@ -111,8 +111,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, int | float | list[int] | list[float]] = {wire.LOAD_SECONDS: load_s}
     evaluate_first = bool(config.get(wire.EVAL_FIRST, False))
     seed = cfg.seed + 1000 * rnd + zlib.crc32(hospital.encode()) % 1000
-    trained_from = secure_client.training_input(model.state_dict(), seed)
-    if secure_client.is_secure(msg):
+    trained_from = ""
+    if secure_client.is_secure(msg):  # a digest of the whole model: only where it is used
+        trained_from = secure_client.training_input(model.state_dict(), seed)
         secure_client.refuse_used_input(msg, node, trained_from)  # before hours of training
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if _on_mesh(node):
