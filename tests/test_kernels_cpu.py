@@ -19,6 +19,10 @@ CASES = [
     (1, 3, 2, (1, 4, 5), 3, 1, True, True, None),     # one-plane slab: both halos reach it
     (2, 2, 3, (3, 5, 5), 3, 2, True, True, "relu"),   # odd depth at stride 2 reads halo_hi
     (1, 6, 7, (8, 3, 9), 1, 2, False, False, "relu"),
+    # im2col chunks of 4 MB (36 output rows of these widths in float64) that start and end
+    # inside a plane: 78 rows at stride 1, 39 at stride 2
+    (1, 16, 4, (6, 13, 33), 3, 1, True, True, None),
+    (1, 16, 4, (6, 26, 66), 3, 2, True, False, None),
 ]
 
 

@@ -25,7 +25,10 @@ namespace fedmri {
 
 namespace {
 
-constexpr int64_t kChunkBytes = 64 << 20;  // im2col buffer budget per chunk
+// im2col buffer budget per chunk: small enough that the column matrix written by the
+// gather is still in the core's cache when the GEMM reads it (a 64 MB chunk made both
+// stream through memory, which two ranks sharing one memory bus felt twice).
+constexpr int64_t kChunkBytes = 4 << 20;
 
 // Output columns [first, last) along W whose input column lies inside the image.
 inline void valid_range(const Geometry& g, int64_t kw, int64_t* first, int64_t* last) {
@@ -33,29 +36,29 @@ inline void valid_range(const Geometry& g, int64_t kw, int64_t* first, int64_t* 
   *last = std::min<int64_t>(g.Wo, (g.W - 1 + g.p - kw) / g.s + 1);
 }
 
-// Row r = (c, kd, kh, kw) of the column matrix, for output planes [d0, d1).
+// Row r = (c, kd, kh, kw) of the column matrix, for output rows [q0, q1) (q = od * Ho + oh:
+// a chunk may start and end inside a plane).
 template <typename Visit>
-void for_each_tap(const Geometry& g, int64_t r, int64_t d0, int64_t d1, Visit visit) {
+void for_each_tap(const Geometry& g, int64_t r, int64_t q0, int64_t q1, Visit visit) {
   const int64_t k3 = g.k * g.k * g.k;
   const int64_t c = r / k3, kd = r / (g.k * g.k) % g.k, kh = r / g.k % g.k, kw = r % g.k;
   int64_t first, last;
   valid_range(g, kw, &first, &last);
-  for (int64_t od = d0; od < d1; ++od) {
-    for (int64_t oh = 0; oh < g.Ho; ++oh) {
-      const int64_t ih = oh * g.s - g.p + kh;
-      const int64_t col = ((od - d0) * g.Ho + oh) * g.Wo;
-      visit(c, od * g.s - g.p + kd, ih >= 0 && ih < g.H ? ih : -1, first, last, kw, col);
-    }
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t od = q / g.Ho, oh = q % g.Ho;
+    const int64_t ih = oh * g.s - g.p + kh;
+    visit(c, od * g.s - g.p + kd, ih >= 0 && ih < g.H ? ih : -1, first, last, kw,
+          (q - q0) * g.Wo);
   }
 }
 
 template <typename T>
-void im2col(const Geometry& g, const Planes<const T*>& in, int64_t d0, int64_t d1, T* col) {
-  const int64_t P = (d1 - d0) * g.Ho * g.Wo;
+void im2col(const Geometry& g, const Planes<const T*>& in, int64_t q0, int64_t q1, T* col) {
+  const int64_t P = (q1 - q0) * g.Wo;
   at::parallel_for(0, g.C * g.k * g.k * g.k, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* out = col + r * P;
-      for_each_tap(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
+      for_each_tap(g, r, q0, q1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
                                          int64_t last, int64_t kw, int64_t o) {
         T* dst = out + o;
         const T* plane = in.plane(c, z);
@@ -80,12 +83,12 @@ void im2col(const Geometry& g, const Planes<const T*>& in, int64_t d0, int64_t d
 // Scatter-add of a column matrix back onto the planes; rows of one channel touch only that
 // channel's planes, so channels run in parallel without races.
 template <typename T>
-void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Planes<T*>& out) {
-  const int64_t P = (d1 - d0) * g.Ho * g.Wo, k3 = g.k * g.k * g.k;
+void col2im(const Geometry& g, const T* col, int64_t q0, int64_t q1, const Planes<T*>& out) {
+  const int64_t P = (q1 - q0) * g.Wo, k3 = g.k * g.k * g.k;
   at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t r = c0 * k3; r < c1 * k3; ++r) {
       const T* src = col + r * P;
-      for_each_tap(g, r, d0, d1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
+      for_each_tap(g, r, q0, q1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
                                          int64_t last, int64_t kw, int64_t o) {
         T* plane = out.plane(c, z);
         if (!plane || ih < 0) return;
@@ -97,13 +100,13 @@ void col2im(const Geometry& g, const T* col, int64_t d0, int64_t d1, const Plane
   });
 }
 
-// im2col of sample n's output planes [d0, d1), reading x and its halos in place.
+// im2col of sample n's output rows [q0, q1), reading x and its halos in place.
 template <typename T>
 void im2col_sample(const Geometry& g, const at::Tensor& x, const std::optional<at::Tensor>& lo,
-                   const std::optional<at::Tensor>& hi, int64_t n, int64_t d0, int64_t d1,
+                   const std::optional<at::Tensor>& hi, int64_t n, int64_t q0, int64_t q1,
                    const at::Tensor& col) {
   im2col<T>(g, sample<const T*>(g, n, data_or_null<T>(lo), x.data_ptr<T>(), data_or_null<T>(hi)),
-            d0, d1, col.data_ptr<T>());
+            q0, q1, col.data_ptr<T>());
 }
 
 at::ScalarType compute_type(const at::Tensor& x) {
@@ -119,35 +122,35 @@ std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t, at::Scala
   return prepared(*t, type);
 }
 
-// Output planes per chunk so that one im2col buffer stays within kChunkBytes.
-int64_t planes_per_chunk(const Geometry& g, int64_t elem) {
-  const int64_t rows = g.C * g.k * g.k * g.k;
-  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, rows * g.Ho * g.Wo * elem));
+// Output rows (of Wo voxels) per chunk so that one im2col buffer stays within kChunkBytes.
+int64_t rows_per_chunk(const Geometry& g, int64_t elem) {
+  const int64_t taps = g.C * g.k * g.k * g.k;
+  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, taps * g.Wo * elem));
 }
 
-// Calls fn(n, d0, d1, col) for every chunk of every sample, col filled by im2col when gather.
+// Calls fn(n, q0, q1, col) for every chunk of output rows [q0, q1) of every sample, col the
+// (taps, (q1 - q0) * Wo) view of the buffer that im2col fills.
 template <typename T, typename Fn>
 void for_each_chunk(const Geometry& g, const at::Tensor& col_buffer, Fn fn) {
-  const int64_t step = planes_per_chunk(g, sizeof(T));
+  const int64_t step = rows_per_chunk(g, sizeof(T)), rows = g.Do * g.Ho;
+  const int64_t taps = g.C * g.k * g.k * g.k;
   for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t d0 = 0; d0 < g.Do; d0 += step) {
-      const int64_t d1 = std::min(g.Do, d0 + step);
-      const int64_t P = (d1 - d0) * g.Ho * g.Wo;
-      fn(n, d0, d1, col_buffer.flatten().narrow(0, 0, g.C * g.k * g.k * g.k * P)
-                        .view({g.C * g.k * g.k * g.k, P}));
+    for (int64_t q0 = 0; q0 < rows; q0 += step) {
+      const int64_t q1 = std::min(rows, q0 + step);
+      const int64_t P = (q1 - q0) * g.Wo;
+      fn(n, q0, q1, col_buffer.flatten().narrow(0, 0, taps * P).view({taps, P}));
     }
   }
 }
 
 at::Tensor column_buffer(const Geometry& g, at::ScalarType type) {
-  const int64_t step = std::min(g.Do, planes_per_chunk(g, at::elementSize(type)));
-  return at::empty({g.C * g.k * g.k * g.k * step * g.Ho * g.Wo}, at::TensorOptions(type));
+  const int64_t step = std::min(g.Do * g.Ho, rows_per_chunk(g, at::elementSize(type)));
+  return at::empty({g.C * g.k * g.k * g.k * step * g.Wo}, at::TensorOptions(type));
 }
 
-// The (Cout, P) block of sample n's output (or output gradient) for planes [d0, d1).
-at::Tensor block(const at::Tensor& y, const Geometry& g, int64_t n, int64_t d0, int64_t d1) {
-  const int64_t HW = g.Ho * g.Wo;
-  return y[n].view({g.Cout, g.Do * HW}).narrow(1, d0 * HW, (d1 - d0) * HW);
+// The (Cout, P) block of sample n's output (or output gradient) for output rows [q0, q1).
+at::Tensor block(const at::Tensor& y, const Geometry& g, int64_t n, int64_t q0, int64_t q1) {
+  return y[n].view({g.Cout, g.Do * g.Ho * g.Wo}).narrow(1, q0 * g.Wo, (q1 - q0) * g.Wo);
 }
 
 bool use_onednn(const at::Tensor& x) {
@@ -223,9 +226,9 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   at::Tensor y = at::empty({g.N, g.Cout, g.Do, g.Ho, g.Wo}, x.options());
   const at::Tensor col = column_buffer(g, type);
   AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_forward_cpu", [&] {
-    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
-      im2col_sample<scalar_t>(g, x, lo, hi, n, d0, d1, c);
-      at::Tensor out = block(y, g, n, d0, d1);
+    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t q0, int64_t q1, at::Tensor c) {
+      im2col_sample<scalar_t>(g, x, lo, hi, n, q0, q1, c);
+      at::Tensor out = block(y, g, n, q0, q1);
       if (bias.has_value()) {
         at::addmm_out(out, bias->view({g.Cout, 1}), w, c);
       } else {
@@ -288,9 +291,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cpu(
   at::Tensor glo = zeros_or_empty(lo_in), ghi = zeros_or_empty(hi_in);
   const at::Tensor col = column_buffer(g, type);
   AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_backward_input_cpu", [&] {
-    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
-      at::mm_out(c, wt, block(grad, g, n, d0, d1));
-      col2im<scalar_t>(g, c.data_ptr<scalar_t>(), d0, d1,
+    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t q0, int64_t q1, at::Tensor c) {
+      at::mm_out(c, wt, block(grad, g, n, q0, q1));
+      col2im<scalar_t>(g, c.data_ptr<scalar_t>(), q0, q1,
                        sample<scalar_t*>(g, n, lo_in ? glo.data_ptr<scalar_t>() : nullptr,
                                          gx.data_ptr<scalar_t>(),
                                          hi_in ? ghi.data_ptr<scalar_t>() : nullptr));
@@ -325,9 +328,9 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(
   at::Tensor gw = at::zeros({g.Cout, g.C * g.k * g.k * g.k}, x.options());
   const at::Tensor col = column_buffer(g, type);
   AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_backward_weight_cpu", [&] {
-    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t d0, int64_t d1, at::Tensor c) {
-      im2col_sample<scalar_t>(g, x, lo, hi, n, d0, d1, c);
-      gw.addmm_(block(grad, g, n, d0, d1), c.t());
+    for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t q0, int64_t q1, at::Tensor c) {
+      im2col_sample<scalar_t>(g, x, lo, hi, n, q0, q1, c);
+      gw.addmm_(block(grad, g, n, q0, q1), c.t());
     });
   });
   const at::Tensor gb = grad.sum({0, 2, 3, 4});
