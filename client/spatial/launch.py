@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLL_S = 0.2
+# glibc's allocator for the ranks: keep freed memory for the next step instead of handing
+# large blocks (every activation of a 3D volume is one) back to the kernel and faulting them
+# in again, page by page, the next time. A training step at 128^3 was 15-20% faster on one
+# rank and on two; ranks are short-lived processes, so holding their peak is no loss.
+RANK_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 46)}
 ERROR_FILE = "rank{}.error"
 READY_FILE = "rank{}.ready"
 
@@ -51,7 +56,8 @@ def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
     for stale in ["store", *(f.format("*") for f in (READY_FILE, ERROR_FILE))]:
         for path in job_dir.glob(stale):  # a folder used before: its store would not rendezvous
             path.unlink()
-    env = {**os.environ, **(extra_env or {}), "OMP_NUM_THREADS": str(max(threads, 1))}
+    env = {**os.environ, **RANK_MALLOC, **(extra_env or {}),
+           "OMP_NUM_THREADS": str(max(threads, 1))}
     start = time.perf_counter()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "fedmri.client.spatial.worker", str(job_dir), str(rank),
