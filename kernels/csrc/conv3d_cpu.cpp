@@ -30,6 +30,9 @@ namespace {
 // stream through memory, which two ranks sharing one memory bus felt twice).
 constexpr int64_t kChunkBytes = 4 << 20;
 
+// Rows of the column matrix: one per (input channel, kd, kh, kw).
+inline int64_t taps(const Geometry& g) { return g.C * g.k * g.k * g.k; }
+
 // Output columns [first, last) along W whose input column lies inside the image.
 inline void valid_range(const Geometry& g, int64_t kw, int64_t* first, int64_t* last) {
   *first = std::max<int64_t>(0, (g.p - kw + g.s - 1) / g.s);
@@ -55,7 +58,7 @@ void for_each_tap(const Geometry& g, int64_t r, int64_t q0, int64_t q1, Visit vi
 template <typename T>
 void im2col(const Geometry& g, const Planes<const T*>& in, int64_t q0, int64_t q1, T* col) {
   const int64_t P = (q1 - q0) * g.Wo;
-  at::parallel_for(0, g.C * g.k * g.k * g.k, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, taps(g), 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* out = col + r * P;
       for_each_tap(g, r, q0, q1, [&](int64_t c, int64_t z, int64_t ih, int64_t first,
@@ -122,10 +125,11 @@ std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t, at::Scala
   return prepared(*t, type);
 }
 
-// Output rows (of Wo voxels) per chunk so that one im2col buffer stays within kChunkBytes.
+// Output rows (of Wo voxels) per chunk so that one im2col buffer stays within kChunkBytes
+// (at most the sample's Do * Ho rows).
 int64_t rows_per_chunk(const Geometry& g, int64_t elem) {
-  const int64_t taps = g.C * g.k * g.k * g.k;
-  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, taps * g.Wo * elem));
+  const int64_t fit = kChunkBytes / std::max<int64_t>(1, taps(g) * g.Wo * elem);
+  return std::clamp<int64_t>(fit, 1, std::max<int64_t>(1, g.Do * g.Ho));
 }
 
 // Calls fn(n, q0, q1, col) for every chunk of output rows [q0, q1) of every sample, col the
@@ -133,19 +137,18 @@ int64_t rows_per_chunk(const Geometry& g, int64_t elem) {
 template <typename T, typename Fn>
 void for_each_chunk(const Geometry& g, const at::Tensor& col_buffer, Fn fn) {
   const int64_t step = rows_per_chunk(g, sizeof(T)), rows = g.Do * g.Ho;
-  const int64_t taps = g.C * g.k * g.k * g.k;
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t q0 = 0; q0 < rows; q0 += step) {
       const int64_t q1 = std::min(rows, q0 + step);
       const int64_t P = (q1 - q0) * g.Wo;
-      fn(n, q0, q1, col_buffer.flatten().narrow(0, 0, taps * P).view({taps, P}));
+      fn(n, q0, q1, col_buffer.flatten().narrow(0, 0, taps(g) * P).view({taps(g), P}));
     }
   }
 }
 
 at::Tensor column_buffer(const Geometry& g, at::ScalarType type) {
-  const int64_t step = std::min(g.Do * g.Ho, rows_per_chunk(g, at::elementSize(type)));
-  return at::empty({g.C * g.k * g.k * g.k * step * g.Wo}, at::TensorOptions(type));
+  return at::empty({taps(g) * rows_per_chunk(g, at::elementSize(type)) * g.Wo},
+                   at::TensorOptions(type));
 }
 
 // The (Cout, P) block of sample n's output (or output gradient) for output rows [q0, q1).
@@ -325,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(
   const at::Tensor grad = prepared(grad_in, type);
   const at::Tensor x = prepared(x_in, type);
   const auto lo = prepared(lo_in, type), hi = prepared(hi_in, type);
-  at::Tensor gw = at::zeros({g.Cout, g.C * g.k * g.k * g.k}, x.options());
+  at::Tensor gw = at::zeros({g.Cout, taps(g)}, x.options());
   const at::Tensor col = column_buffer(g, type);
   AT_DISPATCH_FLOATING_TYPES(type, "fedmri_conv3d_backward_weight_cpu", [&] {
     for_each_chunk<scalar_t>(g, col, [&](int64_t n, int64_t q0, int64_t q1, at::Tensor c) {
