@@ -146,3 +146,49 @@ def sleep(mesh: SpatialMesh, job_dir: Path) -> None:
     import time
 
     time.sleep(600)
+
+
+def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
+    """Halo exchanges and sums through the transport the launcher set up, against values
+    every rank can compute: messages of several chunks both ways at once, and sums of
+    several chunks, of int64, float64 and non-contiguous tensors. With `"idle_rank": r`
+    in job.json, rank r sleeps instead (a peer's timeout)."""
+    import time
+
+    from fedmri.client.spatial import comm, shm
+
+    job = json.loads((job_dir / "job.json").read_text())
+    rank = mesh.tp_rank
+    if job.get("idle_rank") == rank:
+        time.sleep(60)
+        return
+
+    def message(src: int, dst: int, numel: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1000 * src + dst + numel)
+        return torch.rand(numel, generator=gen, dtype=torch.float64)
+
+    # 2.5 chunks, a small one, and an int64 one, with every neighbour at once, twice.
+    sizes = [int(2.5 * shm.CHUNK) // 8, 3, 5]
+    for _ in range(2):
+        for numel in sizes:
+            sends = [(message(rank, p, numel), p) for p in (mesh.below, mesh.above)
+                     if p is not None]
+            recvs = [(torch.empty(numel, dtype=torch.float64), p) for _, p in sends]
+            comm._exchange(sends, recvs, mesh.tp_group)
+            for got, peer in recvs:
+                assert torch.equal(got, message(peer, rank, numel)), (rank, peer, numel)
+    world = list(range(mesh.tp_size))
+    big = torch.stack([message(r, r, 3 * shm.CHUNK // 8) for r in world])
+    mine = big[rank].clone()
+    comm.all_reduce_sum(mine, mesh.tp_group)
+    want = big[0].clone()
+    for r in world[1:]:
+        want += big[r]
+    assert torch.equal(mine, want), "float64 sum of several chunks"
+    counts = torch.arange(12, dtype=torch.int64).view(3, 4) * (rank + 1)
+    strided = counts.t()  # not contiguous
+    comm.all_reduce_sum(strided, mesh.tp_group)
+    factor = sum(r + 1 for r in world)
+    assert torch.equal(strided, torch.arange(12).view(3, 4).t() * factor), "int64 sum"
+    transport = "shm" if comm._shm is not None else "gloo"
+    (job_dir / f"result{rank}.json").write_text(json.dumps({"transport": transport}))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedmri.client.spatial import ConversionError, SlabError, SpatialMesh, parallelize, plan_slabs
-from fedmri.client.spatial.launch import MeshShape, WorkerFailure, run_ranks
+from fedmri.client.spatial.launch import TRANSPORT_ENV, MeshShape, WorkerFailure, run_ranks
 from fedmri.common.config import RunConfig
 from fedmri.common.models import build_model
 
@@ -153,3 +153,10 @@ def test_a_misaligned_slab_is_refused_by_the_strided_layer() -> None:
     parallelize(model, SpatialMesh(tp_rank=0, tp_size=2))  # no peers needed to refuse
     with pytest.raises(SlabError, match="layer '0' .*stride 2.* slab of 7 planes"):
         model(torch.zeros(1, 1, 7, 4, 4))
+
+
+def test_split_network_equals_one_process_over_gloo(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default carries halos and sums through shared memory; gloo remains the fallback.
+    monkeypatch.setenv(TRANSPORT_ENV, "gloo")
+    _assert_equal_to_one_process(_run_check(tmp_path, MeshShape(tp=2), batch=1, cases=CASES[:1]))

@@ -16,6 +16,16 @@ import torch
 import torch.distributed as dist
 
 from fedmri.client.spatial.mesh import SpatialMesh
+from fedmri.client.spatial.shm import ShmTransport
+
+# The ranks' shared-memory transport, where the worker set one up (CPU ranks of one host);
+# else, and for CUDA tensors, torch.distributed (gloo, NCCL).
+_shm: ShmTransport | None = None
+
+
+def use_shared_memory(transport: ShmTransport | None) -> None:
+    global _shm
+    _shm = transport
 
 
 class HaloTraffic:
@@ -28,11 +38,26 @@ def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Ten
               group: dist.ProcessGroup | None) -> None:
     """Batched point-to-point: post every receive and send, then wait for all."""
     HaloTraffic.bytes_sent += sum(t.numel() * t.element_size() for t, _ in sends)
+    if _shm is not None and all(t.device.type == "cpu" for t, _ in sends + recvs):
+        _shm.exchange(sends, recvs)
+        return
     ops = [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
     ops += [dist.P2POp(dist.isend, t.contiguous(), peer, group) for t, peer in sends]
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
+
+
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """Sum `t` in place over `group` (nothing to do for None)."""
+    if group is None:
+        return
+    if _shm is not None and t.device.type == "cpu":
+        ranks = tuple(dist.get_process_group_ranks(group))
+        if _shm.covers(ranks):
+            _shm.all_reduce(t, ranks)
+            return
+    dist.all_reduce(t, group=group)
 
 
 def _planes(x: torch.Tensor, count: int) -> torch.Tensor:
@@ -108,7 +133,7 @@ class _ReplicaSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         out = x.clone()
-        dist.all_reduce(out, group=group)
+        all_reduce_sum(out, group)
         return out
 
     @staticmethod
@@ -124,8 +149,7 @@ def replica_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
 def plain_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum over `group`, no gradient (counts, metrics)."""
     out = x.detach().clone()
-    if group is not None:
-        dist.all_reduce(out, group=group)
+    all_reduce_sum(out, group)
     return out
 
 
@@ -149,7 +173,7 @@ def sum_gradients(parameters: list[torch.nn.Parameter], mesh: SpatialMesh) -> No
     params = [p for p in parameters if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=mesh.world_group)
+    all_reduce_sum(flat, mesh.world_group)
     offset = 0
     for p in params:
         n = p.numel()

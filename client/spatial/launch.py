@@ -10,8 +10,10 @@ once: a failed step ends within the poll interval, it never hangs the hospital.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,11 @@ POLL_S = 0.2
 # in again, page by page, the next time. A training step at 128^3 was 15-20% faster on one
 # rank and on two; ranks are short-lived processes, so holding their peak is no loss.
 RANK_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 46)}
+# Where the ranks of one job put their shared-memory files (client/spatial/shm.py), and the
+# knob that turns that transport off: FEDMRI_TP_TRANSPORT=gloo.
+SHM_ENV = "FEDMRI_TP_SHM"
+TRANSPORT_ENV = "FEDMRI_TP_TRANSPORT"
+SHM_ROOT = Path("/dev/shm")
 ERROR_FILE = "rank{}.error"
 READY_FILE = "rank{}.ready"
 
@@ -56,8 +63,9 @@ def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
     for stale in ["store", *(f.format("*") for f in (READY_FILE, ERROR_FILE))]:
         for path in job_dir.glob(stale):  # a folder used before: its store would not rendezvous
             path.unlink()
-    env = {**os.environ, **RANK_MALLOC, **(extra_env or {}),
-           "OMP_NUM_THREADS": str(max(threads, 1))}
+    shm_folder = _shm_folder(shape)
+    env = {**os.environ, **RANK_MALLOC, **({SHM_ENV: str(shm_folder)} if shm_folder else {}),
+           **(extra_env or {}), "OMP_NUM_THREADS": str(max(threads, 1))}
     start = time.perf_counter()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "fedmri.client.spatial.worker", str(job_dir), str(rank),
@@ -85,6 +93,23 @@ def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
                 p.kill()
         for p in procs:
             p.wait()
+        if shm_folder:
+            shutil.rmtree(shm_folder, ignore_errors=True)
+
+
+def _shm_folder(shape: MeshShape) -> Path | None:
+    """A private folder in /dev/shm for the ranks' shared-memory transport, unless it is
+    turned off, the job has one rank, or this host has no /dev/shm (then gloo carries all)."""
+    choice = os.environ.get(TRANSPORT_ENV, "shm")
+    if choice not in ("shm", "gloo"):
+        raise ValueError(f"{TRANSPORT_ENV}={choice!r}: use 'shm' (shared memory between "
+                         "the ranks of this host, the default) or 'gloo'")
+    if choice == "gloo" or shape.world == 1 or not SHM_ROOT.is_dir():
+        return None
+    try:
+        return Path(tempfile.mkdtemp(prefix="fedmri-tp-", dir=SHM_ROOT))
+    except OSError:
+        return None
 
 
 def _first_failure(job_dir: Path, failed: list[int]) -> int:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fedmri.client.spatial.comm import all_reduce_sum
 from fedmri.client.spatial.layers import SpatialModule, Unsupported
 from fedmri.client.spatial.mesh import SpatialMesh
 
@@ -30,7 +31,7 @@ def group_moments(flat: torch.Tensor, group: dist.ProcessGroup | None, rank: int
     rows[rank, 0] = float(count)
     rows[rank, 1:1 + mean.numel()] = mean.reshape(-1)
     rows[rank, 1 + mean.numel():] = (var * count).reshape(-1)
-    dist.all_reduce(rows, group=group)
+    all_reduce_sum(rows, group)
     counts, means = rows[:, :1], rows[:, 1:1 + mean.numel()]
     total = counts.sum()
     mean_all = (counts * means).sum(0) / total
@@ -74,7 +75,7 @@ class _SyncNormalize(torch.autograd.Function):
             rows.unsqueeze(0), normalized.unsqueeze(0), ones, None, None,
             torch.zeros_like(var), ones, True, 0.0, [False, True, True])
         sums = torch.stack([sum_grad, sum_proj])
-        dist.all_reduce(sums, group=ctx.group)
+        all_reduce_sum(sums, ctx.group)
         mean_grad, mean_proj = sums[0] / ctx.count, sums[1] / ctx.count
         # rstd * (grad - mean_grad - normalized * mean_proj), in two passes.
         out = _scale_rows(rows, mean_grad, var, ctx.eps)

@@ -11,7 +11,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-from fedmri.client.spatial.launch import ERROR_FILE, READY_FILE
+from fedmri.client.spatial.launch import ERROR_FILE, READY_FILE, SHM_ENV
 
 MAX_ERROR_CHARS = 4000
 
@@ -35,12 +35,14 @@ def _describe(err: BaseException) -> str:
     return f"{text} (at {where})" if where else text
 
 
-def _pin(rank: int, threads: int, world: int) -> None:
+def _pin(rank: int, threads: int, world: int) -> bool:
     """Each rank on cores of its own when they suffice: ranks step in lockstep, so one
-    rank losing its core to another stalls them all."""
+    rank losing its core to another stalls them all. Whether it was pinned."""
     cores = sorted(os.sched_getaffinity(0))
     if world > 1 and world * threads <= len(cores):
         os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
+        return True
+    return False
 
 
 def main(argv: list[str]) -> int:
@@ -56,7 +58,7 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(max(threads, 1))
         world = dp * tp
-        _pin(rank, max(threads, 1), world)
+        pinned = _pin(rank, max(threads, 1), world)
         gpus = gpu_per_rank(world)
         if gpus:
             torch.cuda.set_device(rank)
@@ -66,6 +68,13 @@ def main(argv: list[str]) -> int:
                                     world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
         mesh = init_mesh(dp, tp)
+        shm_folder = os.environ.get(SHM_ENV)
+        if shm_folder and not gpus:
+            from fedmri.client.spatial import comm, shm
+
+            # A rank with a core of its own spins on the counters; others yield their core.
+            comm.use_shared_memory(shm.connect(Path(shm_folder), rank, dp, tp, pinned,
+                                               timeout_s))
         module, _, function = target.partition(":")
         job = getattr(importlib.import_module(module), function)
         (job_dir / READY_FILE.format(rank)).touch()
