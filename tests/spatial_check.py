@@ -190,5 +190,5 @@ def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
     comm.all_reduce_sum(strided, mesh.tp_group)
     factor = sum(r + 1 for r in world)
     assert torch.equal(strided, torch.arange(12).view(3, 4).t() * factor), "int64 sum"
-    transport = "shm" if comm._shm is not None else "gloo"
+    transport = "shm" if comm.shared_memory() else "gloo"
     (job_dir / f"result{rank}.json").write_text(json.dumps({"transport": transport}))

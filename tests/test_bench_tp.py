@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+from fedmri.client.spatial.launch import SHM_ROOT
 from fedmri.common.config import RunConfig
 from fedmri.common.models import build_model
 from fedmri.deploy.bench.tp import halo_cost
@@ -25,6 +26,9 @@ def test_bench_tp_prints_the_comparison_and_its_halo_bytes_match_the_cost_model(
     assert report["p1"]["halo_bytes_per_step"] == 0
     assert report["halo_bytes_per_step"] == report["halo_bytes_model"] > 0
     assert report["speedup"] == report["p1"]["step_seconds"] / report["p2"]["step_seconds"]
+    ceiling = report["ceiling"]
+    assert ceiling["speedup"] == report["p1"]["step_seconds"] / ceiling["step_seconds"]
+    assert report["transport"] == ("shm" if SHM_ROOT.is_dir() else "gloo")
     assert report["sizes"][0]["speedup_pairs"] == [report["speedup"]]  # one repeat: one pair
     assert report["on_paper"]["gpus"] == 8 and 0 < report["on_paper"]["halo_share"] < 1
 

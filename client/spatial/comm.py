@@ -28,6 +28,11 @@ def use_shared_memory(transport: ShmTransport | None) -> None:
     _shm = transport
 
 
+def shared_memory() -> bool:
+    """Whether this rank's halos and sums go through shared memory."""
+    return _shm is not None
+
+
 class HaloTraffic:
     """Bytes this process has sent in halo exchanges, forward and backward (for benchmarks)."""
 

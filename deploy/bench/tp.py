@@ -1,9 +1,10 @@
 """`fedmri bench tp [--json]`: one training step of the trainer's network on one process
 (P = 1, the baseline) against the same step split in depth over P = 2 worker processes, one
 thread per rank, in one run: step time, peak memory per rank, halo bytes against the cost
-model, and what starting the ranks and their process group costs. Then, on paper from the
-cost model and the kernels' measured GPU speeds, 8 GPUs of one NVLink node at 256^3 and the
-largest volume each P can train in 80 GB."""
+model, and what starting the ranks and their process group costs; and the ceiling, 2 ranks
+side by side each training its own half volume alone (no halos, no sums). Then, on paper
+from the cost model and the kernels' measured GPU speeds, 8 GPUs of one NVLink node at 256^3
+and the largest volume each P can train in 80 GB."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def rank_step(mesh: SpatialMesh, job_dir: Path) -> None:
     median step, the activations (tensors autograd saves for backward, counted once per
     storage, parameters left out) and the growth of the process's peak resident memory
     over the steps (activations, gradients, kernel workspaces, allocator slack)."""
-    from fedmri.client.spatial import parallelize, plan_slabs
+    from fedmri.client.spatial import comm, parallelize, plan_slabs
     from fedmri.client.spatial.comm import HaloTraffic
     from fedmri.client.spatial.training import SlabObjective
 
@@ -135,13 +136,21 @@ def rank_step(mesh: SpatialMesh, job_dir: Path) -> None:
     size, steps = job["size"], job["steps"]
     cfg = RunConfig(model=job["model"], size=size)
     model = build_model(cfg)
-    start, stop = plan_slabs(model, size, mesh.tp_size)[mesh.tp_rank]
+    rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
+    if job["alone"]:
+        # The ceiling: ranks side by side, each training the unsplit network on its own
+        # slab as if it were a whole volume; no halos, no sums, only the machine shared.
+        start, stop = plan_slabs(model, size, mesh.world_size)[rank]
+        mesh = SpatialMesh()
+    else:
+        start, stop = plan_slabs(model, size, mesh.tp_size)[mesh.tp_rank]
     parallelize(model, mesh)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, size, size, size, generator=gen)[:, :, start:stop].contiguous()
     y = torch.randint(0, cfg.num_classes, (1, 1, size, size, size), generator=gen)
     y = y[:, :, start:stop].contiguous()
-    objective = SlabObjective(mesh, cfg.num_classes, size ** 3)
+    voxels = x[0, 0].numel() if job["alone"] else size ** 3
+    objective = SlabObjective(mesh, cfg.num_classes, voxels)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -172,21 +181,25 @@ def rank_step(mesh: SpatialMesh, job_dir: Path) -> None:
         step()
         times.append(time.perf_counter() - began)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb
-    rank = mesh.dp_rank * mesh.tp_size + mesh.tp_rank
     # Activations peak at the end of the forward pass: what autograd saved for backward.
     (job_dir / f"rank{rank}.json").write_text(json.dumps({
         "step_seconds": sorted(times)[len(times) // 2],
         "peak_mb": sum(saved.values()) / 2 ** 20, "rss_peak_mb": rss_mb,
-        "halo_bytes_per_step": HaloTraffic.bytes_sent / steps, "slab": [start, stop]}))
+        "halo_bytes_per_step": HaloTraffic.bytes_sent / steps, "slab": [start, stop],
+        "transport": "shm" if comm.shared_memory() else "gloo"}))
 
 
 # -- the harness -----------------------------------------------------------------------------
-def measure(model: str, size: int, parts: int, steps: int) -> dict[str, Any]:
+def measure(model: str, size: int, parts: int, steps: int, alone: bool = False
+            ) -> dict[str, Any]:
+    """One run of `parts` ranks splitting the volume (or, `alone`, each training its own
+    slab without exchanges: the ceiling of the split)."""
     job_dir = Path(tempfile.mkdtemp(prefix="fedmri-bench-tp-"))
     try:
         (job_dir / "job.json").write_text(json.dumps({"model": model, "size": size,
-                                                      "steps": steps}))
-        setup_s = run_ranks(TARGET, job_dir, MeshShape(tp=parts), threads=1)
+                                                      "steps": steps, "alone": alone}))
+        shape = MeshShape(dp=parts) if alone else MeshShape(tp=parts)
+        setup_s = run_ranks(TARGET, job_dir, shape, threads=1)
         ranks = [json.loads((job_dir / f"rank{r}.json").read_text()) for r in range(parts)]
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
@@ -194,7 +207,8 @@ def measure(model: str, size: int, parts: int, steps: int) -> dict[str, Any]:
             "peak_mb": max(r["peak_mb"] for r in ranks),
             "rss_peak_mb": max(r["rss_peak_mb"] for r in ranks),
             "halo_bytes_per_step": sum(r["halo_bytes_per_step"] for r in ranks),
-            "setup_seconds": setup_s, "slabs": [r["slab"] for r in ranks]}
+            "setup_seconds": setup_s, "slabs": [r["slab"] for r in ranks],
+            "transport": ranks[0]["transport"]}
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -205,18 +219,28 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def compare(model: str, size: int, steps: int, repeats: int) -> dict[str, Any]:
     # P = 1 and P = 2 alternate, so that a slow spell of the machine hits both alike.
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    alone: list[dict[str, Any]] = []
     for _ in range(repeats):
         for parts in (1, 2):
             runs[parts].append(measure(model, size, parts, steps))
+        alone.append(measure(model, size, 2, steps, alone=True))
     p1, p2 = _median_run(runs[1]), _median_run(runs[2])
-    # Each P = 2 run against the P = 1 run just before it: the machine's speed drifts.
-    pairs = sorted(a["step_seconds"] / b["step_seconds"] for a, b in zip(runs[1], runs[2],
-                                                                          strict=True))
+
+    def speedups(other: list[dict[str, Any]]) -> list[float]:
+        # Each run against the P = 1 run just before it: the machine's speed drifts.
+        return sorted(a["step_seconds"] / b["step_seconds"] for a, b in zip(runs[1], other,
+                                                                            strict=True))
+
+    pairs, ceiling = speedups(runs[2]), speedups(alone)
     cost = halo_cost(build_model(RunConfig(model=model, size=size)), size, 2)
     return {"size": size, "p1": p1, "p2": p2, "repeats": repeats,
             "step_seconds_all": {f"p{p}": [r["step_seconds"] for r in runs[p]] for p in runs},
             "speedup_pairs": pairs,
             "speedup": pairs[len(pairs) // 2],
+            # Two half-volume processes side by side, no exchanges: what this machine allows.
+            "ceiling": {"step_seconds": _median_run(alone)["step_seconds"],
+                        "speedup": ceiling[len(ceiling) // 2]},
+            "transport": p2["transport"],
             "memory_ratio": p2["peak_mb"] / p1["peak_mb"],
             "rss_ratio": p2["rss_peak_mb"] / p1["rss_peak_mb"],
             "halo_bytes_per_step": p2["halo_bytes_per_step"],
@@ -244,14 +268,16 @@ def main(argv: list[str] | None = None) -> int:
               f"(x{run['memory_ratio']:.2f}, process peak x{run['rss_ratio']:.2f}); halo "
               f"{run['halo_bytes_per_step'] / 1e6:.1f} MB "
               f"(model {run['halo_bytes_model'] / 1e6:.1f}); set-up "
-              f"{run['setup_seconds']:.1f} s", file=sys.stderr, flush=True)
+              f"{run['setup_seconds']:.1f} s; ceiling (2 halves alone) "
+              f"x{run['ceiling']['speedup']:.2f}", file=sys.stderr, flush=True)
     head = runs[0]
     network = build_model(RunConfig(model=args.model, size=head["size"]))
     voxels = head["size"] ** 3
     per_voxel = (head["p1"]["peak_mb"] * 2 ** 20 / voxels,
                  head["p1"]["rss_peak_mb"] * 2 ** 20 / voxels)
     report = {**{k: head[k] for k in ("p1", "p2", "speedup", "memory_ratio",
-                                      "halo_bytes_per_step", "setup_seconds")},
+                                      "halo_bytes_per_step", "setup_seconds", "ceiling",
+                                      "transport")},
               "model": args.model, "size": head["size"], "threads_per_rank": 1,
               "halo_bytes_model": head["halo_bytes_model"], "sizes": runs,
               "on_paper": on_paper(network, *per_voxel), "torch": torch.__version__}
