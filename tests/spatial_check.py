@@ -151,14 +151,17 @@ def sleep(mesh: SpatialMesh, job_dir: Path) -> None:
 def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
     """Halo exchanges and sums through the transport the launcher set up, against values
     every rank can compute: messages of several chunks both ways at once, and sums of
-    several chunks, of int64, float64 and non-contiguous tensors. With `"idle_rank": r`
-    in job.json, rank r sleeps instead (a peer's timeout)."""
+    several chunks over each group of the mesh, of int64, float64 and non-contiguous
+    tensors. job.json may say `"idle_rank": r` (rank r sleeps instead: a peer's timeout) or
+    `"odd_rank": r` (rank r's last sum is one element longer than its peers')."""
     import time
+
+    import torch.distributed as dist
 
     from fedmri.client.spatial import comm, shm
 
     job = json.loads((job_dir / "job.json").read_text())
-    rank = mesh.tp_rank
+    rank = dist.get_rank()
     if job.get("idle_rank") == rank:
         time.sleep(60)
         return
@@ -177,18 +180,22 @@ def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
             comm._exchange(sends, recvs, mesh.tp_group)
             for got, peer in recvs:
                 assert torch.equal(got, message(peer, rank, numel)), (rank, peer, numel)
-    world = list(range(mesh.tp_size))
-    big = torch.stack([message(r, r, 3 * shm.CHUNK // 8) for r in world])
-    mine = big[rank].clone()
-    comm.all_reduce_sum(mine, mesh.tp_group)
-    want = big[0].clone()
-    for r in world[1:]:
-        want += big[r]
-    assert torch.equal(mine, want), "float64 sum of several chunks"
-    counts = torch.arange(12, dtype=torch.int64).view(3, 4) * (rank + 1)
-    strided = counts.t()  # not contiguous
-    comm.all_reduce_sum(strided, mesh.tp_group)
-    factor = sum(r + 1 for r in world)
-    assert torch.equal(strided, torch.arange(12).view(3, 4).t() * factor), "int64 sum"
+    for group in (mesh.tp_group, mesh.dp_group, mesh.world_group):
+        if group is None:
+            continue
+        ranks = dist.get_process_group_ranks(group)
+        big = {r: message(r, r, 3 * shm.CHUNK // 8) for r in ranks}
+        mine = big[rank].clone()
+        comm.all_reduce_sum(mine, group)
+        want = big[ranks[0]].clone()
+        for r in ranks[1:]:
+            want += big[r]
+        assert torch.equal(mine, want), f"float64 sum of several chunks over {ranks}"
+        strided = (torch.arange(12, dtype=torch.int64).view(3, 4) * (rank + 1)).t()
+        comm.all_reduce_sum(strided, group)
+        factor = sum(r + 1 for r in ranks)
+        assert torch.equal(strided, torch.arange(12).view(3, 4).t() * factor), "int64 sum"
+    if "odd_rank" in job:
+        comm.all_reduce_sum(torch.ones(4 + (job["odd_rank"] == rank)), mesh.world_group)
     transport = "shm" if comm.shared_memory() else "gloo"
     (job_dir / f"result{rank}.json").write_text(json.dumps({"transport": transport}))

@@ -24,42 +24,60 @@ TESTS = str(Path(__file__).parent)
 pytestmark = pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="no /dev/shm on this host")
 
 
-def _traffic(tmp_path: Path, tp: int, timeout_s: float = 600, **env: str) -> list[str]:
+def _traffic(tmp_path: Path, shape: MeshShape, job: dict[str, int] | None = None,
+             collective_timeout_s: float = 600, **env: str) -> list[str]:
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "job.json").write_text(json.dumps({}))
+    (tmp_path / "job.json").write_text(json.dumps(job or {}))
     extra = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), **env}
-    run_ranks("spatial_check:shm_traffic", tmp_path, MeshShape(tp=tp), timeout_s=timeout_s,
-              extra_env=extra)
+    run_ranks("spatial_check:shm_traffic", tmp_path, shape, timeout_s=300,
+              collective_timeout_s=collective_timeout_s, extra_env=extra)
     return [json.loads((tmp_path / f"result{r}.json").read_text())["transport"]
-            for r in range(tp)]
+            for r in range(shape.world)]
 
 
 def _ours() -> set[str]:
     return {p.name for p in SHM_ROOT.glob("fedmri-tp-*")}
 
 
-@pytest.mark.parametrize("tp", [2, 3])  # on 2 cores: 2 ranks spin, 3 ranks yield
-def test_exchanges_and_sums_are_exact_and_leave_nothing_behind(tmp_path: Path, tp: int) -> None:
+# On 2 cores: 2 ranks spin, 3 and 4 ranks yield; dp x tp sums over three kinds of group.
+@pytest.mark.parametrize("shape", [MeshShape(tp=2), MeshShape(tp=3), MeshShape(dp=2, tp=2)])
+def test_exchanges_and_sums_are_exact_and_leave_nothing_behind(tmp_path: Path,
+                                                               shape: MeshShape) -> None:
     before = _ours()
-    assert _traffic(tmp_path, tp) == ["shm"] * tp
+    assert _traffic(tmp_path, shape) == ["shm"] * shape.world
     assert _ours() == before
 
 
 def test_gloo_carries_the_same_traffic_when_asked_or_without_shared_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _traffic(tmp_path / "missing", 2, **{SHM_ENV: str(tmp_path / "no-such-folder")}) \
-        == ["gloo", "gloo"]
+    two = MeshShape(tp=2)
+    missing = {SHM_ENV: str(tmp_path / "no-such-folder")}
+    assert _traffic(tmp_path / "missing", two, **missing) == ["gloo", "gloo"]
     monkeypatch.setenv(TRANSPORT_ENV, "gloo")
-    assert _traffic(tmp_path / "asked", 2) == ["gloo", "gloo"]
+    monkeypatch.setenv(SHM_ENV, str(tmp_path))  # inherited from outside: not the launcher's
+    assert _traffic(tmp_path / "asked", two) == ["gloo", "gloo"]
     monkeypatch.setenv(TRANSPORT_ENV, "sockets")
     with pytest.raises(ValueError, match="FEDMRI_TP_TRANSPORT='sockets'"):
-        _traffic(tmp_path / "bad", 2)
+        _traffic(tmp_path / "bad", two)
 
 
 def test_a_peer_that_never_sends_is_named_within_the_timeout(tmp_path: Path) -> None:
-    (tmp_path / "job.json").write_text(json.dumps({"idle_rank": 1}))
-    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     with pytest.raises(WorkerFailure, match=r"rank 0 failed: .*halo exchange with rank\(s\) 1: "
                                             r"nothing within 2 s"):
-        run_ranks("spatial_check:shm_traffic", tmp_path, MeshShape(tp=2), timeout_s=120,
-                  collective_timeout_s=2, extra_env=env)
+        _traffic(tmp_path, MeshShape(tp=2), {"idle_rank": 1}, collective_timeout_s=2)
+
+
+def test_a_sum_of_mismatched_tensors_is_an_error_not_a_wrong_result(tmp_path: Path) -> None:
+    with pytest.raises(WorkerFailure, match=r"sum: rank \d sent \d+ bytes of torch.float32, "
+                                            r"this rank has \d+ bytes of torch.float32"):
+        _traffic(tmp_path, MeshShape(tp=3), {"odd_rank": 1})
+
+
+def test_ranks_spin_only_within_their_cgroup_cpu_quota(tmp_path: Path) -> None:
+    from fedmri.client.spatial.worker import _cpu_quota
+
+    (tmp_path / "limited").write_text("150000 100000\n")
+    (tmp_path / "unlimited").write_text("max 100000\n")
+    assert _cpu_quota(tmp_path / "limited") == 1.5  # 2 spinning ranks would be throttled
+    assert _cpu_quota(tmp_path / "unlimited") == float("inf")
+    assert _cpu_quota(tmp_path / "absent") == float("inf")

@@ -63,16 +63,19 @@ def run_ranks(target: str, job_dir: Path, shape: MeshShape, threads: int = 1,
     for stale in ["store", *(f.format("*") for f in (READY_FILE, ERROR_FILE))]:
         for path in job_dir.glob(stale):  # a folder used before: its store would not rendezvous
             path.unlink()
-    shm_folder = _shm_folder(shape)
-    env = {**os.environ, **RANK_MALLOC, **({SHM_ENV: str(shm_folder)} if shm_folder else {}),
-           **(extra_env or {}), "OMP_NUM_THREADS": str(max(threads, 1))}
+    inherited = {k: v for k, v in os.environ.items() if k != SHM_ENV}  # only ours counts
     start = time.perf_counter()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "fedmri.client.spatial.worker", str(job_dir), str(rank),
-         str(shape.dp), str(shape.tp), target, str(threads), str(collective_timeout_s)],
-        env=env, stdin=subprocess.DEVNULL) for rank in range(shape.world)]
+    procs: list[subprocess.Popen[bytes]] = []
     setup_s: float | None = None
+    shm_folder = _shm_folder(shape)
     try:
+        env = {**inherited, **RANK_MALLOC, **({SHM_ENV: str(shm_folder)} if shm_folder else {}),
+               **(extra_env or {}), "OMP_NUM_THREADS": str(max(threads, 1))}
+        for rank in range(shape.world):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedmri.client.spatial.worker", str(job_dir), str(rank),
+                 str(shape.dp), str(shape.tp), target, str(threads), str(collective_timeout_s)],
+                env=env, stdin=subprocess.DEVNULL))
         while True:
             codes = [p.poll() for p in procs]
             if setup_s is None and all((job_dir / READY_FILE.format(r)).exists()
@@ -106,10 +109,25 @@ def _shm_folder(shape: MeshShape) -> Path | None:
                          "the ranks of this host, the default) or 'gloo'")
     if choice == "gloo" or shape.world == 1 or not SHM_ROOT.is_dir():
         return None
+    _remove_orphans()
     try:
-        return Path(tempfile.mkdtemp(prefix="fedmri-tp-", dir=SHM_ROOT))
+        return Path(tempfile.mkdtemp(prefix=f"fedmri-tp-{os.getpid()}-", dir=SHM_ROOT))
     except OSError:
         return None
+
+
+def _remove_orphans() -> None:
+    """Folders (empty once the ranks have mapped their files) of launchers that were killed."""
+    for folder in SHM_ROOT.glob("fedmri-tp-*-*"):
+        try:
+            pid = int(folder.name.split("-")[2])
+            if folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
 
 
 def _first_failure(job_dir: Path, failed: list[int]) -> int:

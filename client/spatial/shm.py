@@ -27,13 +27,28 @@ import torch
 CHUNK = 1 << 20  # bytes per slot
 LINE = 8  # int64 counters per cache line (64 bytes)
 PAGE = 4096
-SPINS = 4096  # counter reads per call to the spinning wait (tens of microseconds)
-SPIN_S = 0.5  # then poll with sleeps: the peer is slow or stuck, leave the core alone
+SPINS = 1024  # counter reads per call of the spinning wait (tens of microseconds)
+SPIN_S = 0.05  # then yield and sleep: the peer is slow or stuck, leave the core alone
 BELOW, ABOVE = 0, 1
+# A message's size and dtype, published beside the counter that announces it: a rank that
+# expects another size or dtype gets an error, never the rest of an older message.
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
+           torch.complex128]
 
 
 class ShmTimeout(TimeoutError):
     """A neighbour did not send or sum in time; the message names it."""
+
+
+def signature(t: torch.Tensor) -> int:
+    code = _DTYPES.index(t.dtype) + 1 if t.dtype in _DTYPES else 0
+    return (t.numel() * t.element_size()) * 32 + code
+
+
+def describe(sig: int) -> str:
+    code = sig % 32
+    return f"{sig // 32} bytes of {_DTYPES[code - 1] if code else 'another dtype'}"
 
 
 def groups_of(groups: list[tuple[int, ...]], rank: int) -> list[tuple[int, ...]]:
@@ -65,8 +80,10 @@ class _Backoff:
             raise ShmTimeout(f"{self.what}: nothing within {self.timeout_s:.0f} s")
         if self.spin and waited < SPIN_S:
             return  # spin on: the core is this rank's own
-        # Yield the core at once, then sleep a little, longer once the wait is long.
-        time.sleep(0.0 if waited < 1e-3 else 1e-4 if waited < SPIN_S else 1e-3)
+        if waited < 1e-3:
+            os.sched_yield()  # let a peer on this core run
+        else:
+            time.sleep(1e-4 if waited < SPIN_S else 1e-3)
 
 
 class ShmTransport:
@@ -100,10 +117,24 @@ class ShmTransport:
         seen = torch.ops.fedmri.shm_wait(self.ctr[peer], index * LINE, target, backoff.spins())
         return bool(seen >= target)
 
-    def _wait(self, peer: int, index: int, target: int, what: str) -> None:
+    def _wait_group(self, ranks: tuple[int, ...], done: bool, target: int, what: str) -> None:
+        """Until every member's ready (or done) counter of this group reaches target."""
         backoff = _Backoff(self.spin, self.timeout_s, what)
-        while not self._reached(peer, index, target, backoff):
-            backoff.pause()
+        for peer in ranks:
+            backoff.what = f"{what}, waiting for rank {peer}"
+            index = self._group_counter(peer, ranks) + done
+            while not self._reached(peer, index, target, backoff):
+                backoff.pause()
+
+    def _sign(self, index: int, sig: int) -> None:
+        """Publish a message's signature; the release store of counter `index` follows."""
+        self.ctr[self.rank][index * LINE + 1] = sig
+
+    def _check(self, peer: int, index: int, sig: int, what: str) -> None:
+        theirs = int(self.ctr[peer][index * LINE + 1])
+        if theirs != sig:
+            raise ValueError(f"rank {self.rank}: {what}: rank {peer} sent {describe(theirs)}, "
+                             f"this rank has {describe(sig)}")
 
     def _slot(self, owner: int, slot: int) -> torch.Tensor:
         return self.data[owner][slot * CHUNK:(slot + 1) * CHUNK]
@@ -114,6 +145,10 @@ class ShmTransport:
         """Send and receive with the tp neighbours (global ranks), all at once: chunks go
         whenever the peer has taken the previous one, so long messages both ways never
         wait on each other."""
+        for kind, pairs in (("sends", sends), ("receives", recvs)):
+            if len({p for _, p in pairs}) != len(pairs):  # they would share one slot
+                raise ValueError(f"rank {self.rank}: two halo {kind} with one neighbour in "
+                                 "one exchange")
         steps = [self._send(t, self._direction(p)) for t, p in sends]
         steps += [self._recv(t, self._direction(p)) for t, p in recvs]
         peers = ", ".join(str(p) for p in sorted({p for _, p in sends + recvs}))
@@ -141,25 +176,29 @@ class ShmTransport:
     def _send(self, tensor: torch.Tensor, direction: int) -> Iterator[bool]:
         peer = self.neighbours[direction]
         assert peer is not None
-        data = _bytes(tensor.contiguous())
+        data, sig = _bytes(tensor.contiguous()), signature(tensor)
         for start in range(0, data.numel(), CHUNK):
             # The peer takes from its side facing us: from below if we send up.
             while not self._reached(peer, 2 + (1 - direction), self.sent[direction], _NO_SPIN):
                 yield False
             part = data[start:start + CHUNK]
             self._slot(self.rank, direction)[:part.numel()].copy_(part)
+            self._sign(direction, sig)
             self.sent[direction] += 1
             self._store(direction, self.sent[direction])
             yield True
 
     def _recv(self, tensor: torch.Tensor, direction: int) -> Iterator[bool]:
         peer = self.neighbours[direction]
-        assert peer is not None and tensor.is_contiguous()
-        data = _bytes(tensor)
+        assert peer is not None
+        if not tensor.is_contiguous():
+            raise ValueError(f"rank {self.rank}: a halo is received into a contiguous tensor")
+        data, sig = _bytes(tensor), signature(tensor)
         for start in range(0, data.numel(), CHUNK):
             # The peer sends to us up if it is below us.
             while not self._reached(peer, 1 - direction, self.taken[direction] + 1, _NO_SPIN):
                 yield False
+            self._check(peer, 1 - direction, sig, "halo exchange")
             part = data[start:start + CHUNK]
             part.copy_(self._slot(peer, 1 - direction)[:part.numel()])
             self.taken[direction] += 1
@@ -176,25 +215,29 @@ class ShmTransport:
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         per_chunk = CHUNK // flat.element_size()
         what = f"rank {self.rank}: sum over ranks {list(ranks)}"
+        ready, sig = self._group_counter(self.rank, ranks), signature(tensor)
         for start in range(0, flat.numel(), per_chunk):
             part = flat[start:start + per_chunk]
             round_ = self.rounds[ranks] + 1
-            for peer in ranks:  # everyone has read this rank's share of the last round
-                self._wait(peer, self._group_counter(peer, ranks) + 1, round_ - 1, what)
+            # Everyone has read this rank's share of the last round.
+            self._wait_group(ranks, True, round_ - 1, what)
             self._share(self.rank, ranks, part).copy_(part)
-            self._store(self._group_counter(self.rank, ranks), round_)
+            self._sign(ready, sig)
+            self._store(ready, round_)
+            self._wait_group(ranks, False, round_, what)
             for peer in ranks:
-                self._wait(peer, self._group_counter(peer, ranks), round_, what)
+                self._check(peer, self._group_counter(peer, ranks), sig, "sum")
             part.copy_(self._share(ranks[0], ranks, part))
             for peer in ranks[1:]:
                 part.add_(self._share(peer, ranks, part))
-            self._store(self._group_counter(self.rank, ranks) + 1, round_)
+            self._store(ready + 1, round_)
             self.rounds[ranks] = round_
         if flat.data_ptr() != tensor.data_ptr():
             tensor.copy_(flat.view_as(tensor))
 
     def _group_counter(self, owner: int, ranks: tuple[int, ...]) -> int:
-        """The owner's `ready` counter for this group (`done` is the next)."""
+        """The owner's `ready` counter for this group (`done` is the next); its own groups
+        are the mesh's groups that hold it, in order, so the index differs between owners."""
         return 4 + 2 * groups_of(self.groups, owner).index(ranks)
 
     def _share(self, owner: int, ranks: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -246,16 +289,18 @@ def connect(folder: Path, rank: int, dp: int, tp: int, spin: bool,
 
     from fedmri.kernels import ops
 
-    ops.load()  # the counters' atomic loads and stores
     groups = mesh_groups(dp, tp)
+    mine = folder / f"rank{rank}"
     reason = ""
     try:
+        ops.load()  # the counters' atomic loads and stores
         create_file(folder, rank, groups)
-    except OSError as err:
-        reason = f"{folder / f'rank{rank}'}: {err}"
+    except (OSError, RuntimeError) as err:
+        reason = str(err) if isinstance(err, RuntimeError) else f"{mine}: {err}"
     made = torch.tensor([0 if reason else 1])
     dist.all_reduce(made, op=dist.ReduceOp.MIN)
     if not made.item():
+        mine.unlink(missing_ok=True)
         print(f"fedmri rank {rank}: no shared memory for the halo exchanges "
               f"({reason or 'another rank failed'}); they go through gloo (slower)",
               file=sys.stderr, flush=True)
@@ -264,5 +309,5 @@ def connect(folder: Path, rank: int, dp: int, tp: int, spin: bool,
     # Once every rank has mapped the files, their names can go: the memory lives as long as
     # the ranks do, and nothing is left in /dev/shm when a launcher is killed.
     dist.barrier()
-    (folder / f"rank{rank}").unlink()
+    mine.unlink()
     return transport

@@ -45,6 +45,16 @@ def _pin(rank: int, threads: int, world: int) -> bool:
     return False
 
 
+def _cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float:
+    """The cores this process's cgroup may use (cgroup v2 `cpu.max`; unlimited if unknown):
+    a container given fewer than its cores gets throttled when ranks spin."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return float("inf") if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return float("inf")
+
+
 def main(argv: list[str]) -> int:
     job_dir, rank, dp, tp, target = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), \
         argv[4]
@@ -69,12 +79,12 @@ def main(argv: list[str]) -> int:
                                     timeout=timedelta(seconds=timeout_s))
         mesh = init_mesh(dp, tp)
         shm_folder = os.environ.get(SHM_ENV)
-        if shm_folder and not gpus:
+        if shm_folder and world > 1 and not gpus:
             from fedmri.client.spatial import comm, shm
 
             # A rank with a core of its own spins on the counters; others yield their core.
-            comm.use_shared_memory(shm.connect(Path(shm_folder), rank, dp, tp, pinned,
-                                               timeout_s))
+            spin = pinned and _cpu_quota() >= world * max(threads, 1)
+            comm.use_shared_memory(shm.connect(Path(shm_folder), rank, dp, tp, spin, timeout_s))
         module, _, function = target.partition(":")
         job = getattr(importlib.import_module(module), function)
         (job_dir / READY_FILE.format(rank)).touch()
