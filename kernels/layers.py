@@ -1,4 +1,5 @@
-"""nn.Conv3d on the fedmri op, and the swap that puts a model's 3D convolutions on it."""
+"""nn.Conv3d and nn.ConvTranspose3d on the fedmri ops, and the swap that puts a model's 3D
+convolutions on them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from fedmri.kernels.ops import conv3d
+from fedmri.kernels.transposed import conv_transpose3d, transposable
 
 
 def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -26,8 +28,22 @@ class Conv3d(nn.Conv3d):
         return conv3d(x, w, b, stride=self.stride[0])
 
 
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """An nn.ConvTranspose3d (kernel 3, stride 2, padding 1, output padding 1) computed by
+    fedmri.kernels.conv_transpose3d on the CPU."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if output_size is not None:
+            return super().forward(x, output_size)
+        x, w, b = autocast_inputs(x, self.weight, self.bias)
+        return conv_transpose3d(x, w, b)
+
+
 def eligible(conv: nn.Module) -> bool:
-    """Whether the op computes exactly this layer: k 1 or 3, 'same' padding, stride 1 or 2."""
+    """Whether the ops compute exactly this layer: a convolution with k 1 or 3, 'same'
+    padding, stride 1 or 2, or a transposed convolution that doubles every edge."""
+    if type(conv) is nn.ConvTranspose3d:
+        return transposable(conv)
     return type(conv) is nn.Conv3d and computable(conv)
 
 
@@ -40,13 +56,14 @@ def computable(conv: nn.Conv3d) -> bool:
 
 
 def use_fedmri_conv(model: nn.Module) -> int:
-    """Switch every eligible nn.Conv3d of `model` to the fedmri op in place; returns how many.
+    """Switch every eligible nn.Conv3d and nn.ConvTranspose3d of `model` to the fedmri ops in
+    place; returns how many.
 
     The swap changes the class only, so parameters, hooks and state_dict keys stay the same.
     """
     count = 0
     for module in model.modules():
         if eligible(module):
-            module.__class__ = Conv3d
+            module.__class__ = Conv3d if type(module) is nn.Conv3d else ConvTranspose3d
             count += 1
     return count

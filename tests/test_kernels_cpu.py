@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from kernels_reference import make_inputs, reference, rel_err
 
-from fedmri.kernels import conv3d, load, use_fedmri_conv
+from fedmri.kernels import conv3d, conv_transpose3d, load, use_fedmri_conv
 
 # n, c, cout, (d, h, w), k, stride, halo_lo, halo_hi, activation
 CASES = [
@@ -157,15 +157,16 @@ def test_bad_arguments_are_named() -> None:
 def test_unet_on_fedmri_conv_matches_aten() -> None:
     from fedmri.common.config import RunConfig
     from fedmri.common.models import build_model
-    from fedmri.kernels import Conv3d
+    from fedmri.kernels import Conv3d, ConvTranspose3d
 
     reference_model = build_model(RunConfig(conv_backend="aten")).double()
     ours = build_model(RunConfig(conv_backend="aten")).double()
     swapped = use_fedmri_conv(ours)
     convs = [m for m in reference_model.modules() if type(m) is torch.nn.Conv3d]
-    assert swapped == len(convs) > 0
+    ups = [m for m in reference_model.modules() if type(m) is torch.nn.ConvTranspose3d]
+    assert swapped == len(convs) + len(ups) and convs and ups
     by_default = build_model(RunConfig())  # the trainer's default backend is ours
-    assert sum(type(m) is Conv3d for m in by_default.modules()) == swapped
+    assert sum(type(m) in (Conv3d, ConvTranspose3d) for m in by_default.modules()) == swapped
     assert ours.state_dict().keys() == reference_model.state_dict().keys()
     x = torch.randn(1, 1, 24, 24, 24, dtype=torch.float64)
     y_ref, y = reference_model(x), ours(x)
@@ -175,6 +176,39 @@ def test_unet_on_fedmri_conv_matches_aten() -> None:
     for (name, p_ref), p in zip(reference_model.named_parameters(), ours.parameters(),
                                 strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 5), (1, 16, 4, 7, 6), (1, 3, 1, 1, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_transpose_equals_aten(shape, bias) -> None:  # type: ignore[no-untyped-def]
+    # Odd, one-plane and one-voxel edges; float64 to 1e-10, float32 to float32 rounding.
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        gen = torch.Generator().manual_seed(sum(shape))
+        x = torch.randn(shape, dtype=dtype, generator=gen).requires_grad_()
+        w = torch.randn(shape[1], 4, 3, 3, 3, dtype=dtype, generator=gen).requires_grad_()
+        b = torch.randn(4, dtype=dtype, generator=gen).requires_grad_() if bias else None
+        inputs = [t for t in (x, w, b) if t is not None]
+        y, y_ref = conv_transpose3d(x, w, b), F.conv_transpose3d(x, w, b, 2, 1, 1)
+        assert y.shape == y_ref.shape == (shape[0], 4, *(2 * e for e in shape[2:]))
+        gy = torch.randn(y.shape, dtype=dtype, generator=gen)
+        for ours, ref in zip((y, *torch.autograd.grad(y, inputs, gy)),
+                             (y_ref, *torch.autograd.grad(y_ref, inputs, gy)), strict=True):
+            assert rel_err(ours, ref) <= tol
+
+
+def test_conv_transpose_swap_only_what_it_computes() -> None:
+    from fedmri.kernels import ConvTranspose3d
+
+    model = torch.nn.Sequential(torch.nn.ConvTranspose3d(4, 2, 3, 2, 1, 1),
+                                torch.nn.ConvTranspose3d(2, 2, 2, 2),
+                                torch.nn.ConvTranspose3d(2, 2, 3, 2, 1, 0))
+    assert use_fedmri_conv(model) == 1
+    assert [type(m) is ConvTranspose3d for m in model] == [True, False, False]
+    x = torch.randn(1, 4, 2, 3, 3)
+    torch.testing.assert_close(model[0](x), F.conv_transpose3d(x, model[0].weight,
+                                                               model[0].bias, 2, 1, 1))
+    # output_size asks for ATen's own resolution of the output shape
+    assert model[0](x, output_size=[4, 6, 6]).shape == (1, 2, 4, 6, 6)
 
 
 # Few channels at stride 1 take our direct kernel (16-column register blocks): widths below,

@@ -4,7 +4,7 @@ convolutions, upsampling and pooling. Each is the torch class with its forward r
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,8 +14,9 @@ from torch import nn
 from fedmri.client.spatial.comm import halo_exchange, slab_depths
 from fedmri.client.spatial.mesh import SpatialMesh
 from fedmri.client.spatial.plan import SlabError
-from fedmri.kernels import conv3d
+from fedmri.kernels import conv3d, conv_transpose3d
 from fedmri.kernels.layers import autocast_inputs, computable
+from fedmri.kernels.transposed import transposable
 
 
 class Unsupported(ValueError):
@@ -107,7 +108,8 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if self.mesh.tp_size == 1:
-            return nn.ConvTranspose3d.forward(self, x, output_size)
+            return self._own_part(x) if output_size is None else \
+                nn.ConvTranspose3d.forward(self, x, output_size)
         if output_size is not None:
             raise Unsupported(f"layer '{self.spatial_name}': output_size is not supported "
                               "on depth slabs")
@@ -115,23 +117,47 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
         x, halo_lo, halo_hi = halo_exchange(x, self.mesh, lo, hi, self.spatial_name)
         # The slab's own s*d output planes, from its own planes (this layer's padding keeps
         # the output depth at s x the input's) ...
-        y = nn.ConvTranspose3d.forward(self, x)
+        y = self._own_part(x)
         # ... plus what the halo planes' kernel windows add to the planes at either end. No
         # concatenated copy of the slab: it is saved for backward once, as on one process.
         s, p, k, depth = self.stride[0], _ints(self.padding)[0], self.kernel_size[0], y.shape[2]
         if halo_hi is not None and p > 0:
-            y[:, :, depth - p:] += self._halo_part(halo_hi)[:, :, :p]
+            y = _AddToPlanes.apply(y, self._halo_part(halo_hi)[:, :, :p], depth - p)
         reach = k - s - p  # output planes the planes below reach into
         if halo_lo is not None and reach > 0:
             first = s * lo + p
-            y[:, :, :reach] += self._halo_part(halo_lo)[:, :, first:first + reach]
+            y = _AddToPlanes.apply(y, self._halo_part(halo_lo)[:, :, first:first + reach], 0)
         return y
+
+    def _own_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on x alone: on fedmri.kernels where it computes this configuration (as
+        use_fedmri_conv would run it), else ATen's."""
+        if not transposable(self):
+            return nn.ConvTranspose3d.forward(self, x)
+        x, w, b = autocast_inputs(x, self.weight, self.bias)
+        return conv_transpose3d(x, w, b)
 
     def _halo_part(self, halo: torch.Tensor) -> torch.Tensor:
         """The halo planes' transposed convolution, unpadded in depth, without bias."""
         return F.conv_transpose3d(halo, self.weight, None, self.stride,
                                   (0, *_ints(self.padding)[1:]),
                                   (0, *self.output_padding[1:]), self.groups, self.dilation)
+
+
+class _AddToPlanes(torch.autograd.Function):
+    """y[:, :, start:start + len(part)] += part, in place; its backward hands y's gradient on
+    as it is (autograd's own in-place slice add would copy the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, part: torch.Tensor, start: int) -> torch.Tensor:
+        y.narrow(2, start, part.shape[2]).add_(part)
+        ctx.mark_dirty(y)
+        ctx.start, ctx.planes = start, part.shape[2]
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return grad, grad.narrow(2, ctx.start, ctx.planes), None
 
 
 class SpatialUpsample(SpatialModule, nn.Upsample):
