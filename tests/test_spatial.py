@@ -146,6 +146,13 @@ def test_ranks_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
     launcher.wait()
     gone, alive = psutil.wait_procs(ranks, timeout=15)
     assert not alive, "ranks outlived their launcher"
+    # Its shared-memory folder outlives it; the next launcher on this host removes it.
+    from fedmri.client.spatial.launch import SHM_ROOT, _remove_orphans
+
+    orphans = list(SHM_ROOT.glob(f"fedmri-tp-{launcher.pid}-*"))
+    assert len(orphans) == 1
+    _remove_orphans()
+    assert not orphans[0].exists()
 
 
 def test_a_misaligned_slab_is_refused_by_the_strided_layer() -> None:

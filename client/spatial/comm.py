@@ -10,6 +10,7 @@ Conventions (each rank runs backward from the same replicated loss):
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -98,7 +99,7 @@ class _HaloExchange(torch.autograd.Function):
                  grad_hi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         mesh, lo, hi = ctx.mesh, ctx.lo, ctx.hi
         below, above = mesh.below, mesh.above
-        grad_x = grad_out.clone()
+        grad_x = grad_out
         depth = grad_x.shape[2]
         sends, recvs = [], []
         # Received into fresh standard-layout buffers: the senders send contiguous copies,
@@ -110,6 +111,8 @@ class _HaloExchange(torch.autograd.Function):
             sends += [(grad_hi, above)] if hi else []
             recvs += [(_planes(grad_x, lo), above)] if lo else []
         _exchange(sends, recvs, mesh.tp_group)
+        if recvs:  # a copy to add to: grad_out may be another node's gradient too
+            grad_x = grad_out.clone()
         for received, peer in recvs:  # the neighbours' gradients of this rank's boundary planes
             if peer == below:
                 grad_x[:, :, :hi] += received
@@ -130,8 +133,26 @@ def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: s
         raise ValueError(f"layer '{layer}' on tp rank {mesh.tp_rank}: a slab of {x.shape[2]} "
                          f"planes cannot give its neighbours {max(lo, hi)} halo planes; use "
                          "fewer ranks or a larger volume (plan_slabs checks this)")
-    x, halo_lo, halo_hi = _HaloExchange.apply(x, mesh, lo, hi)
+    global _last_exchange
+    key = (id(mesh), lo, hi, x._version, torch.is_grad_enabled())
+    if _last_exchange is not None and _last_exchange[0]() is x and _last_exchange[1] == key:
+        out = _last_exchange[2]()
+        if out is not None:
+            return _halos(out, *_last_exchange[3])
+    out, halo_lo, halo_hi = _HaloExchange.apply(x, mesh, lo, hi)
+    # x's view weakly (what the graph keeps alive, not this cache); the halo planes are small.
+    _last_exchange = (weakref.ref(x), key, weakref.ref(out), (halo_lo, halo_hi))
+    return _halos(out, halo_lo, halo_hi)
+
+
+def _halos(x: torch.Tensor, halo_lo: torch.Tensor, halo_hi: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     return x, (halo_lo if halo_lo.shape[2] else None), (halo_hi if halo_hi.shape[2] else None)
+
+
+# The last exchange: layers that read the same tensor (a residual unit's convolution and its
+# strided shortcut) share it, and their halo gradients go back in one exchange, not two.
+_last_exchange: tuple[Any, ...] | None = None
 
 
 class _ReplicaSum(torch.autograd.Function):
