@@ -6,7 +6,9 @@ contiguous and channels_last_3d inputs, on 3D U-Net layer shapes; the halo layer
 a 64-plane slab + 1 halo plane each side, bias + ReLU) against concatenate + cuDNN + ReLU;
 and the share of the device's measured bf16 matrix-product peak.
 CPU: ATen's conv3d against ours on every 3D convolution of the trainer's network at 64^3
-and 96^3, batch 1 and 2 (forward, and the two backward passes). A whole training step of the
+and 96^3, batch 1 and 2 (forward, and the two backward passes), and ATen's transposed
+convolution against fedmri.kernels.conv_transpose3d on its upsampling layers (batch 1:
+forward, and forward + backward). A whole training step of the
 trainer's network is `fedmri bench trainer`.
 """
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmri.kernels.ops import conv3d, load
+from fedmri.kernels.transposed import conv_transpose3d
 
 GPU_SHAPES = [(1, 32, 128), (32, 32, 128), (64, 64, 64), (128, 128, 32), (256, 256, 16)]
 GPU_BATCH = 2
@@ -37,6 +40,9 @@ TRAINER_LAYERS: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 8, 3, 2, 1), (1, 8, 3, 2, 1), (8, 16, 3, 2, 2), (8, 16, 3, 2, 2), (16, 32, 3, 2, 4),
     (16, 32, 3, 2, 4), (32, 64, 1, 1, 8), (32, 64, 3, 1, 8), (16, 16, 3, 1, 4), (8, 8, 3, 1, 2),
     (3, 3, 3, 1, 1))
+# Its transposed convolutions (kernel 3, stride 2, padding 1, output padding 1): (in
+# channels, out channels, input downsampling), checked against the network the same way.
+TRAINER_UPSAMPLING: tuple[tuple[int, int, int], ...] = ((96, 16, 8), (32, 8, 4), (16, 3, 2))
 
 
 def conv_flops(n: int, c: int, cout: int, out_voxels: int, k: int) -> float:
@@ -189,6 +195,40 @@ def trainer_layers(size: int) -> list[tuple[tuple[int, ...], tuple[int, ...], in
             for cin, cout, k, stride, down in TRAINER_LAYERS]
 
 
+def trainer_upsampling(size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, weight shape) of TRAINER_UPSAMPLING on a size^3 volume."""
+    return [((cin, *(size // down,) * 3), (cin, cout, 3, 3, 3))
+            for cin, cout, down in TRAINER_UPSAMPLING]
+
+
+def cpu_upsampling_layer(shape: tuple[int, ...], wshape: tuple[int, ...]) -> tuple[float, ...]:
+    """Milliseconds of ATen's and of our forward, then of ATen's and our forward + backward."""
+    x = torch.randn(1, *shape, requires_grad=True)
+    w = torch.randn(*wshape, requires_grad=True)
+    b = torch.randn(wshape[1], requires_grad=True)
+
+    def aten() -> torch.Tensor:
+        return F.conv_transpose3d(x, w, b, 2, 1, 1)
+
+    def ours() -> torch.Tensor:
+        return conv_transpose3d(x, w, b)
+
+    gy = torch.randn_like(aten())
+    with torch.no_grad():
+        forward = time_cpu_pair(aten, ours)
+    return (*forward, *time_cpu_pair(lambda: aten().backward(gy), lambda: ours().backward(gy)))
+
+
+def cpu_upsampling(size: int) -> dict[str, Any]:
+    """ATen's transposed convolution against ours on the trainer's upsampling layers."""
+    keys = ("aten_forward_ms", "ours_forward_ms", "aten_step_ms", "ours_step_ms")
+    rows = [cpu_upsampling_layer(shape, wshape) for shape, wshape in trainer_upsampling(size)]
+    totals = {key: sum(row[i] for row in rows) for i, key in enumerate(keys)}
+    return {**totals, "layers": len(rows),
+            "forward_speedup": totals["aten_forward_ms"] / totals["ours_forward_ms"],
+            "step_speedup": totals["aten_step_ms"] / totals["ours_step_ms"]}
+
+
 def cpu_layer(shape: tuple[int, ...], wshape: tuple[int, ...], stride: int,
               batch: int) -> dict[str, float]:
     x = torch.randn(batch, *shape)
@@ -225,6 +265,11 @@ def run_cpu(sizes: list[int]) -> dict[str, Any]:
                   f"{row['ours_forward_ms']:.1f} ms (x{row['forward_speedup']:.2f}); backward aten "
                   f"{row['aten_backward_ms']:.1f} ms, ours {row['ours_backward_ms']:.1f} ms "
                   f"(x{row['backward_speedup']:.2f})", file=sys.stderr, flush=True)
+        up = result[f"{size}^3 upsampling"] = cpu_upsampling(size)
+        print(f"{size}^3 upsampling (transposed): forward aten {up['aten_forward_ms']:.1f} ms, "
+              f"ours {up['ours_forward_ms']:.1f} ms (x{up['forward_speedup']:.2f}); forward + "
+              f"backward aten {up['aten_step_ms']:.1f} ms, ours {up['ours_step_ms']:.1f} ms "
+              f"(x{up['step_speedup']:.2f})", file=sys.stderr, flush=True)
     b1 = [result[f"{s}^3 batch 1"]["forward_speedup"] for s in sizes]
     b2 = [result[f"{s}^3 batch 2"]["forward_speedup"] for s in sizes]
     result["goals"] = {"batch1_min_forward_speedup": min(b1), "batch1_goal_met": min(b1) >= 1.5,

@@ -42,3 +42,6 @@ def test_halo_cost_grows_with_the_boundaries_and_skips_the_inputs_gradient() -> 
     # The first layer reads the network's input: one plane of 64 x 64 float32, forward only.
     assert first["bytes"] == 64 * 64 * 4
     assert halo_cost(model, 64, 1)["bytes_per_step"] == 0
+    # A strided residual unit's convolution reads the tensor its shortcut just exchanged.
+    names = [layer["layer"] for layer in two["layers"]]
+    assert "model.0.residual" in names and "model.0.conv.unit0.conv" not in names

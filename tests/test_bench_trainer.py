@@ -10,7 +10,7 @@ import torch
 
 from fedmri.common.config import RunConfig
 from fedmri.common.models import build_model
-from fedmri.kernels.bench import trainer_layers
+from fedmri.kernels.bench import trainer_layers, trainer_upsampling
 from fedmri.kernels.layers import eligible
 
 
@@ -19,13 +19,18 @@ def test_kernel_bench_table_is_the_trainer_network() -> None:
     size = 32
     model = build_model(RunConfig(conv_backend="aten"))
     seen: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+    ups: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     for module in model.modules():
-        if eligible(module):
+        if eligible(module) and type(module) is torch.nn.Conv3d:
             module.register_forward_hook(lambda m, inp, out: seen.append(
                 (tuple(inp[0].shape[1:]), tuple(m.weight.shape), m.stride[0])))
+        elif eligible(module):
+            module.register_forward_hook(lambda m, inp, out: ups.append(
+                (tuple(inp[0].shape[1:]), tuple(m.weight.shape))))
     with torch.no_grad():
         model(torch.randn(1, 1, size, size, size))
     assert seen and trainer_layers(size) == seen
+    assert ups and trainer_upsampling(size) == ups
 
 
 def test_bench_trainer_prints_both_backends() -> None:

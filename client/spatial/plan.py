@@ -51,6 +51,7 @@ class LayerInput:
     module: nn.Module
     shape: torch.Size
     network_input: bool  # the layer reads the network's input (no gradient flows back)
+    same_input_as: int | None = None  # the first earlier call that read the same tensor
 
 
 def layer_inputs(model: nn.Module, shape: tuple[int, ...],
@@ -63,11 +64,14 @@ def layer_inputs(model: nn.Module, shape: tuple[int, ...],
     probe = local_copy(model).to("meta").eval()  # eval: no running-statistics updates
     x = torch.empty(shape, device="meta")
     found: list[LayerInput] = []
+    inputs: list[torch.Tensor] = []  # held, so that no two calls' inputs share an id
     hooks = []
     for name, module in probe.named_modules():
         if select(module):
             def record(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-                found.append(LayerInput(name, mod, args[0].shape, args[0] is x))
+                same = next((i for i, t in enumerate(inputs) if t is args[0]), None)
+                inputs.append(args[0])
+                found.append(LayerInput(name, mod, args[0].shape, args[0] is x, same))
             hooks.append(module.register_forward_pre_hook(record))
     try:
         with torch.no_grad():

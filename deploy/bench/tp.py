@@ -54,13 +54,22 @@ def halo_cost(model: nn.Module, size: int, parts: int, batch: int = 1,
               bytes_per: int = BYTES) -> dict[str, Any]:
     """Halo bytes of one training step, summed over ranks: every layer that looks across depth
     sends its (lo + hi) planes across each of the P - 1 slab boundaries, once forward and once
-    backward (the halo gradients go back). Per layer, the share of a slab that travels is
-    (lo + hi) / slab depth: surface over volume, growing with P and with depth downsampling."""
+    backward (the halo gradients go back); layers that read the same tensor with the same
+    halo (a residual unit's convolution and its strided shortcut) share one exchange. Per
+    layer, the share of a slab that travels is (lo + hi) / slab depth: surface over volume,
+    growing with P and with depth downsampling."""
     from fedmri.client.spatial.layers import halo_planes
 
     layers, total, messages = [], 0, 0
-    for call in _split_layers(model, size):
+    last: tuple[int, int, int] | None = None  # (tensor read, lo, hi) of the last exchange
+    for index, call in enumerate(_split_layers(model, size)):
         lo, hi = halo_planes(call.module)
+        if lo + hi == 0:
+            continue
+        read = index if call.same_input_as is None else call.same_input_as
+        if last == (read, lo, hi):  # comm.halo_exchange reuses the exchange it just made
+            continue
+        last = (read, lo, hi)
         _, c, d, h, w = call.shape
         # Forward, and backward unless the layer reads the network's input (no gradient).
         passes = 1 if call.network_input else 2
