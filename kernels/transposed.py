@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fedmri.kernels.ops import load
 
@@ -31,7 +32,7 @@ def transposable(layer: nn.ConvTranspose3d) -> bool:
 
 class _ConvTranspose3d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor,
+    def forward(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         n, _, d, h, w = x.shape
         # Only the shape and dtype of the strided convolution's input are read.
@@ -39,11 +40,16 @@ class _ConvTranspose3d(torch.autograd.Function):
         y = torch.ops.fedmri.conv3d_backward_input(x, like, weight, None, None, STRIDE)[0]
         if bias is not None:
             y += bias.view(1, -1, 1, 1, 1).to(y.dtype)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @once_differentiable  # no second derivatives: refused, never silently wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
@@ -64,5 +70,12 @@ def conv_transpose3d(x: torch.Tensor, weight: torch.Tensor,
     for CPU tensors, ATen's elsewhere."""
     if x.device.type != "cpu" or x.dim() != 5:
         return torch.nn.functional.conv_transpose3d(x, weight, bias, STRIDE, 1, 1)
+    if weight.dim() != 5 or weight.shape[0] != x.shape[1] or weight.shape[2:] != (3, 3, 3):
+        raise ValueError(f"fedmri.conv_transpose3d: weight of shape {list(weight.shape)} for "
+                         f"an input of shape {list(x.shape)}: expected ({x.shape[1]}, "
+                         "out channels, 3, 3, 3)")
+    if bias is not None and bias.shape != (weight.shape[1],):
+        raise ValueError(f"fedmri.conv_transpose3d: bias of shape {list(bias.shape)}, "
+                         f"expected [{weight.shape[1]}]")
     load()
     return _ConvTranspose3d.apply(x.contiguous(), weight, bias)

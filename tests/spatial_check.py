@@ -199,3 +199,43 @@ def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
         comm.all_reduce_sum(torch.ones(4 + (job["odd_rank"] == rank)), mesh.world_group)
     transport = "shm" if comm.shared_memory() else "gloo"
     (job_dir / f"result{rank}.json").write_text(json.dumps({"transport": transport}))
+
+
+def halo_sharing(mesh: SpatialMesh, job_dir: Path) -> None:
+    """Which halo exchanges a split network shares (comm._Sharing), counted on this rank:
+    per forward of the trainer's UNet in grad mode, no_grad and inference mode; whether
+    anything is held after the forward; and two readers of one tensor that differ in
+    requires_grad (the second must exchange again, or its gradient would be lost)."""
+    from fedmri.client.spatial import comm
+
+    counted = {"exchanges": 0}
+    exchange = comm._exchange
+
+    def counting(*args: object) -> None:
+        counted["exchanges"] += 1
+        exchange(*args)  # type: ignore[arg-type]
+
+    comm._exchange = counting  # type: ignore[assignment]
+    model = build_model(RunConfig(model="unet"))
+    parallelize(model, mesh)
+    start, stop = plan_slabs(model, 32, mesh.tp_size)[mesh.tp_rank]
+    x = torch.rand(1, 1, 32, 16, 16, generator=torch.Generator().manual_seed(0))[:, :, start:stop]
+    counts = {}
+    for mode, context in (("grad", torch.enable_grad()), ("no_grad", torch.no_grad()),
+                          ("inference", torch.inference_mode())):
+        counted["exchanges"] = 0
+        with context:
+            model(x.clone())
+        counts[mode] = counted["exchanges"]
+    held_after_forward = comm._Sharing.last is not None
+    layer = torch.nn.Conv3d(1, 1, 3, padding=1)
+    parallelize(layer, mesh)
+    y = torch.rand(1, 1, 4, 4, 4)
+    comm.forward_begins()
+    layer(y)
+    y.requires_grad_()
+    layer(y).sum().backward()
+    comm.forward_ends()
+    (job_dir / f"result{mesh.tp_rank}.json").write_text(json.dumps({
+        "counts": counts, "held_after_forward": held_after_forward,
+        "grad_reached_second_reader": y.grad is not None}))

@@ -69,6 +69,20 @@ def test_a_dead_rank_stops_the_others_and_is_named(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 120
 
 
+def test_layers_reading_one_tensor_share_its_halo_exchange(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    run_ranks("spatial_check:halo_sharing", tmp_path, MeshShape(tp=2), timeout_s=300,
+              extra_env=env)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"result{rank}.json").read_text())
+        # The UNet's 10 convolutions, transposed convolutions and 3 strided shortcuts that
+        # look across depth: 13 readers, 10 exchanges forward (the shortcuts share theirs);
+        # the same without gradients and in inference mode.
+        assert result["counts"] == {"grad": 10, "no_grad": 10, "inference": 10}
+        assert not result["held_after_forward"]
+        assert result["grad_reached_second_reader"]
+
+
 def test_a_depth_the_strides_cannot_split_names_the_layer() -> None:
     model = build_model(RunConfig(model="basicunet"))
     with pytest.raises(SlabError, match=r"cannot split depth 48 over 4 ranks: layer "

@@ -10,7 +10,6 @@ Conventions (each rank runs backward from the same replicated loss):
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -133,26 +132,43 @@ def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: s
         raise ValueError(f"layer '{layer}' on tp rank {mesh.tp_rank}: a slab of {x.shape[2]} "
                          f"planes cannot give its neighbours {max(lo, hi)} halo planes; use "
                          "fewer ranks or a larger volume (plan_slabs checks this)")
-    global _last_exchange
-    key = (id(mesh), lo, hi, x._version, torch.is_grad_enabled())
-    if _last_exchange is not None and _last_exchange[0]() is x and _last_exchange[1] == key:
-        out = _last_exchange[2]()
-        if out is not None:
-            return _halos(out, *_last_exchange[3])
-    out, halo_lo, halo_hi = _HaloExchange.apply(x, mesh, lo, hi)
-    # x's view weakly (what the graph keeps alive, not this cache); the halo planes are small.
-    _last_exchange = (weakref.ref(x), key, weakref.ref(out), (halo_lo, halo_hi))
-    return _halos(out, halo_lo, halo_hi)
+    key = (x, id(mesh), lo, hi, x._version if not x.is_inference() else -1,
+           torch.is_grad_enabled(), x.requires_grad)
+    last = _Sharing.last
+    if _Sharing.depth and last is not None and last[0][0] is x and last[0][1:] == key[1:]:
+        return last[1]
+    result = _halos(*_HaloExchange.apply(x, mesh, lo, hi))
+    if _Sharing.depth:
+        _Sharing.last = (key, result)
+    return result
 
 
-def _halos(x: torch.Tensor, halo_lo: torch.Tensor, halo_hi: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+Halos = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def _halos(x: torch.Tensor, halo_lo: torch.Tensor, halo_hi: torch.Tensor) -> Halos:
     return x, (halo_lo if halo_lo.shape[2] else None), (halo_hi if halo_hi.shape[2] else None)
 
 
-# The last exchange: layers that read the same tensor (a residual unit's convolution and its
-# strided shortcut) share it, and their halo gradients go back in one exchange, not two.
-_last_exchange: tuple[Any, ...] | None = None
+class _Sharing:
+    """Inside a split network's forward (parallelize hooks it), layers that read the same
+    tensor right after one another with the same halo (a residual unit's strided shortcut
+    and its first convolution) share one exchange, and autograd sums their halo gradients
+    before the one exchange back. Every rank runs the same layers on the same tensors, so
+    all take the same decision; the last exchange is forgotten when the forward ends."""
+
+    depth = 0  # forwards of split networks under way (one may call another)
+    last: tuple[tuple[Any, ...], Halos] | None = None
+
+
+def forward_begins(*_: Any) -> None:
+    _Sharing.depth += 1
+
+
+def forward_ends(*_: Any) -> None:
+    _Sharing.depth -= 1
+    if not _Sharing.depth:
+        _Sharing.last = None  # nothing of this forward's graph is kept
 
 
 class _ReplicaSum(torch.autograd.Function):

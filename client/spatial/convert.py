@@ -13,6 +13,7 @@ import copy
 import torch.distributed as dist
 from torch import nn
 
+from fedmri.client.spatial import comm
 from fedmri.client.spatial.layers import (
     SpatialAvgPool3d,
     SpatialConv3d,
@@ -128,6 +129,11 @@ def parallelize(model: nn.Module,
         module.__class__ = target
         # Plain attributes, not parameters or buffers: state_dict does not change.
         module.__dict__.update(mesh=mesh, spatial_name=name)
+    if not getattr(model, "_fedmri_halo_sharing", False):
+        # Halo exchanges are shared within one forward of the network (comm._Sharing).
+        model.register_forward_pre_hook(comm.forward_begins)
+        model.register_forward_hook(comm.forward_ends, always_call=True)
+        model.__dict__["_fedmri_halo_sharing"] = True
     return model
 
 
