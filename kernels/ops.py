@@ -45,6 +45,12 @@ def load() -> None:
         _loaded = True
 
 
+# What torch.compiler.assume_constant_result sets, without importing dynamo (1.3 s per process
+# start): compiling a model before any eager call then runs load() while tracing instead of
+# failing on its lock (tests/test_kernels_cpu.py compiles first in a fresh process).
+load._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
 

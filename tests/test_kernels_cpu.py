@@ -3,6 +3,9 @@ input, opcheck, torch.compile, errors, and the model swap."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +133,18 @@ def test_torch_compile_fullgraph_forward_and_backward() -> None:
         torch.testing.assert_close(g, e)
 
 
+def test_torch_compile_before_any_eager_call() -> None:
+    # A fresh process: the library is loaded while dynamo traces the first call.
+    code = ("import torch; from fedmri.kernels import conv3d; "
+            "f = torch.compile(lambda x, w: conv3d(x, w), fullgraph=True, backend='aot_eager'); "
+            "x, w = torch.randn(1, 2, 3, 4, 4), torch.randn(2, 2, 3, 3, 3); "
+            "assert torch.allclose(f(x, w), torch.nn.functional.conv3d(x, w, padding=1), "
+            "atol=1e-5)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda t: {**t, "lo": t["lo"][:, :, :, :-1]}, "halo_lo has shape"),
     (lambda t: {**t, "hi": t["hi"].double()}, "halo_hi is Double"),
@@ -254,8 +269,6 @@ def test_float64_path_matches_onednn_path() -> None:
 
 def test_kernels_info_json_names_backends_and_reasons() -> None:
     import json
-    import subprocess
-    import sys
 
     load()  # the CPU backend is built by now
     done = subprocess.run([sys.executable, "-m", "fedmri.kernels.cli", "info", "--json"],
