@@ -35,8 +35,16 @@ class ConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if output_size is not None:
             return super().forward(x, output_size)
-        x, w, b = autocast_inputs(x, self.weight, self.bias)
-        return conv_transpose3d(x, w, b)
+        return transposed_forward(self, x)
+
+
+def transposed_forward(layer: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) on fedmri.kernels.conv_transpose3d where it computes the layer's
+    configuration, else ATen's."""
+    if not transposable(layer):
+        return nn.ConvTranspose3d.forward(layer, x)
+    x, w, b = autocast_inputs(x, layer.weight, layer.bias)
+    return conv_transpose3d(x, w, b)
 
 
 def eligible(conv: nn.Module) -> bool:

@@ -98,20 +98,19 @@ class _HaloExchange(torch.autograd.Function):
                  grad_hi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         mesh, lo, hi = ctx.mesh, ctx.lo, ctx.hi
         below, above = mesh.below, mesh.above
-        grad_x = grad_out
-        depth = grad_x.shape[2]
+        depth = grad_out.shape[2]
         sends, recvs = [], []
         # Received into fresh standard-layout buffers: the senders send contiguous copies,
         # whatever the memory format (channels_last) of the gradients here.
         if below is not None:
             sends += [(grad_lo, below)] if lo else []
-            recvs += [(_planes(grad_x, hi), below)] if hi else []
+            recvs += [(_planes(grad_out, hi), below)] if hi else []
         if above is not None:
             sends += [(grad_hi, above)] if hi else []
-            recvs += [(_planes(grad_x, lo), above)] if lo else []
+            recvs += [(_planes(grad_out, lo), above)] if lo else []
         _exchange(sends, recvs, mesh.tp_group)
-        if recvs:  # a copy to add to: grad_out may be another node's gradient too
-            grad_x = grad_out.clone()
+        # A copy to add to (grad_out may be another node's gradient too), only if needed.
+        grad_x = grad_out.clone() if recvs else grad_out
         for received, peer in recvs:  # the neighbours' gradients of this rank's boundary planes
             if peer == below:
                 grad_x[:, :, :hi] += received
@@ -132,14 +131,15 @@ def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: s
         raise ValueError(f"layer '{layer}' on tp rank {mesh.tp_rank}: a slab of {x.shape[2]} "
                          f"planes cannot give its neighbours {max(lo, hi)} halo planes; use "
                          "fewer ranks or a larger volume (plan_slabs checks this)")
-    key = (x, id(mesh), lo, hi, x._version if not x.is_inference() else -1,
+    if not _Sharing.depth:
+        return _halos(*_HaloExchange.apply(x, mesh, lo, hi))
+    key = (id(mesh), lo, hi, x._version if not x.is_inference() else -1,
            torch.is_grad_enabled(), x.requires_grad)
     last = _Sharing.last
-    if _Sharing.depth and last is not None and last[0][0] is x and last[0][1:] == key[1:]:
-        return last[1]
+    if last is not None and last[0] is x and last[1] == key:
+        return last[2]
     result = _halos(*_HaloExchange.apply(x, mesh, lo, hi))
-    if _Sharing.depth:
-        _Sharing.last = (key, result)
+    _Sharing.last = (x, key, result)
     return result
 
 
@@ -158,7 +158,7 @@ class _Sharing:
     all take the same decision; the last exchange is forgotten when the forward ends."""
 
     depth = 0  # forwards of split networks under way (one may call another)
-    last: tuple[tuple[Any, ...], Halos] | None = None
+    last: tuple[torch.Tensor, tuple[Any, ...], Halos] | None = None  # (read, key, result)
 
 
 def forward_begins(*_: Any) -> None:

@@ -14,9 +14,8 @@ from torch import nn
 from fedmri.client.spatial.comm import halo_exchange, slab_depths
 from fedmri.client.spatial.mesh import SpatialMesh
 from fedmri.client.spatial.plan import SlabError
-from fedmri.kernels import conv3d, conv_transpose3d
-from fedmri.kernels.layers import autocast_inputs, computable
-from fedmri.kernels.transposed import transposable
+from fedmri.kernels import conv3d
+from fedmri.kernels.layers import autocast_inputs, computable, transposed_forward
 
 
 class Unsupported(ValueError):
@@ -108,7 +107,7 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if self.mesh.tp_size == 1:
-            return self._own_part(x) if output_size is None else \
+            return transposed_forward(self, x) if output_size is None else \
                 nn.ConvTranspose3d.forward(self, x, output_size)
         if output_size is not None:
             raise Unsupported(f"layer '{self.spatial_name}': output_size is not supported "
@@ -117,7 +116,7 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
         x, halo_lo, halo_hi = halo_exchange(x, self.mesh, lo, hi, self.spatial_name)
         # The slab's own s*d output planes, from its own planes (this layer's padding keeps
         # the output depth at s x the input's) ...
-        y = self._own_part(x)
+        y = transposed_forward(self, x)
         # ... plus what the halo planes' kernel windows add to the planes at either end. No
         # concatenated copy of the slab: it is saved for backward once, as on one process.
         s, p, k, depth = self.stride[0], _ints(self.padding)[0], self.kernel_size[0], y.shape[2]
@@ -128,14 +127,6 @@ class SpatialConvTranspose3d(SpatialModule, nn.ConvTranspose3d):
             first = s * lo + p
             y = _AddToPlanes.apply(y, self._halo_part(halo_lo)[:, :, first:first + reach], 0)
         return y
-
-    def _own_part(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer on x alone: on fedmri.kernels where it computes this configuration (as
-        use_fedmri_conv would run it), else ATen's."""
-        if not transposable(self):
-            return nn.ConvTranspose3d.forward(self, x)
-        x, w, b = autocast_inputs(x, self.weight, self.bias)
-        return conv_transpose3d(x, w, b)
 
     def _halo_part(self, halo: torch.Tensor) -> torch.Tensor:
         """The halo planes' transposed convolution, unpadded in depth, without bias."""
