@@ -257,6 +257,25 @@ def test_direct_kernel_few_channels(case, channels_last) -> None:  # type: ignor
         assert rel_err(ours[name], g) < 1e-5, name
 
 
+@pytest.mark.parametrize("c,cout", [(3, 2), (16, 12)])  # direct and oneDNN input gradient
+@pytest.mark.parametrize("depth", [1, 2, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_halo_gradients_of_thin_slabs(c, cout, depth, channels_last) -> None:  # type: ignore[no-untyped-def]
+    """The halo planes' input gradients come from a few output-gradient planes each side,
+    also where the slab is thinner than the kernel."""
+    t = make_inputs(1, c, cout, (depth, 5, 6), 3, True, True, torch.float32)
+    if channels_last:
+        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
+           for key, v in t.items()}
+    y, ref = _ours(t, 1, None), _ref(t64, 1, None)
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    ours, theirs = _grads(y, t, gy.float()), _grads(ref, t64, gy)
+    for name, g in theirs.items():
+        assert ours[name].shape == g.shape
+        assert rel_err(ours[name], g) < 1e-5, name
+
+
 def test_float64_path_matches_onednn_path() -> None:
     """The two CPU routes (im2col + GEMM for float64, oneDNN for float32) agree."""
     t = make_inputs(2, 4, 5, (6, 7, 5), 3, True, True, torch.float64)

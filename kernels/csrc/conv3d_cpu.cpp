@@ -242,9 +242,11 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   return finish(y);
 }
 
-// Stride 1: the gradient of the depth-extended input [lo | x | hi] is the convolution of the
-// output gradient with the flipped kernel, channels swapped (depth padding p, plus the halo
-// planes whose gradient is wanted).
+// Stride 1: the input gradient is the 'same' convolution of the output gradient with the
+// flipped kernel, channels swapped. A halo plane's gradient comes from the few output planes
+// whose windows reach it: one small convolution over those planes each side, so the slab's
+// own gradient is written in place (padding the whole output gradient by the halo planes and
+// cutting the result apart cost two full copies per layer on every split rank).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_onednn(
     const Geometry& g, const at::Tensor& grad, const at::Tensor& x,
     const at::Tensor& w, const std::optional<at::Tensor>& lo,
@@ -252,30 +254,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_onednn(
   const at::Tensor wt = w.to(at::kFloat).flip({2, 3, 4}).transpose(0, 1).contiguous();
   const at::Tensor gf = grad.to(at::kFloat);
   const auto fmt = grad.suggest_memory_format();
-  at::Tensor ext;
-  Geometry flipped = g;  // the same convolution seen from the output gradient
-  flipped.C = g.Cout, flipped.Cout = g.C, flipped.lo = flipped.hi = 0;
-  flipped.D = flipped.Do = g.D + g.lo + g.hi;
-  if (direct_fits(flipped)) {  // zero planes where halo gradients are wanted, 'same' padding
-    const at::Tensor padded = at::constant_pad_nd(gf, {0, 0, 0, 0, g.lo, g.hi}).contiguous();
-    ext = forward_direct_cpu(flipped, padded, wt, std::nullopt, std::nullopt, std::nullopt);
-  } else if (g.lo == 0 && g.hi == 0) {
-    ext = at::mkldnn_convolution(gf.contiguous(fmt), wt, std::nullopt, {g.p, g.p, g.p},
-                                 {1, 1, 1}, {1, 1, 1}, 1);
-  } else {  // pad depth by p + halo planes so the halo planes' gradients come out too
-    const at::Tensor padded = at::constant_pad_nd(gf, {0, 0, 0, 0, g.p + g.lo, g.p + g.hi});
-    ext = at::mkldnn_convolution(padded.contiguous(fmt), wt, std::nullopt, {0, g.p, g.p},
-                                 {1, 1, 1}, {1, 1, 1}, 1);
-  }
-  auto none = [&] { return at::empty({0}, x.options()); };  // distinct: outputs never alias
-  if (g.lo == 0 && g.hi == 0) {
-    return {ext.to(x.scalar_type()).contiguous(result_format(x)), none(), none()};
-  }
-  auto part = [&](int64_t start, int64_t planes, const at::Tensor& like) {
-    return ext.narrow(2, start, planes).to(x.scalar_type()).clone(result_format(like));
+  auto flipped_same = [&](const at::Tensor& planes) {  // any depth, zero 'same' padding
+    Geometry f = g;  // the same convolution seen from the output gradient
+    f.C = g.Cout, f.Cout = g.C, f.lo = f.hi = 0;
+    f.D = f.Do = planes.size(2);
+    if (direct_fits(f)) {
+      return forward_direct_cpu(f, planes.contiguous(), wt, std::nullopt, std::nullopt,
+                                std::nullopt);
+    }
+    return at::mkldnn_convolution(planes.contiguous(fmt), wt, std::nullopt, {g.p, g.p, g.p},
+                                  {1, 1, 1}, {1, 1, 1}, 1);
   };
-  return {part(g.lo, g.D, x), lo ? part(0, g.lo, *lo) : none(),
-          hi ? part(g.lo + g.D, g.hi, *hi) : none()};
+  // Gradient of the input planes [first, first + count) outside the slab: the output
+  // gradient's planes [first - p, first + count + p), zeros outside the slab, convolved.
+  auto halo_grad = [&](int64_t first, int64_t count, const at::Tensor& like) {
+    const int64_t a = first - g.p, b = first + count + g.p;
+    const int64_t a_in = std::max<int64_t>(a, 0), b_in = std::min<int64_t>(b, g.D);
+    const at::Tensor window = at::constant_pad_nd(gf.narrow(2, a_in, b_in - a_in),
+                                                  {0, 0, 0, 0, a_in - a, b - b_in});
+    return flipped_same(window).narrow(2, g.p, count).to(x.scalar_type())
+        .clone(result_format(like));
+  };
+  auto none = [&] { return at::empty({0}, x.options()); };  // distinct: outputs never alias
+  return {flipped_same(gf).to(x.scalar_type()).contiguous(result_format(x)),
+          lo ? halo_grad(-g.lo, g.lo, *lo) : none(),
+          hi ? halo_grad(g.D, g.hi, *hi) : none()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_input_cpu(
