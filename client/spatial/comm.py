@@ -109,14 +109,15 @@ class _HaloExchange(torch.autograd.Function):
             sends += [(grad_hi, above)] if hi else []
             recvs += [(_planes(grad_out, lo), above)] if lo else []
         _exchange(sends, recvs, mesh.tp_group)
-        # A copy to add to (grad_out may be another node's gradient too), only if needed.
-        grad_x = grad_out.clone() if recvs else grad_out
-        for received, peer in recvs:  # the neighbours' gradients of this rank's boundary planes
+        # The neighbours' gradients of this rank's boundary planes, added in place: the x
+        # returned by forward feeds only the calling layer, whose backward gives it a
+        # gradient of its own (copying it cost a split rank a whole activation per exchange).
+        for received, peer in recvs:
             if peer == below:
-                grad_x[:, :, :hi] += received
+                grad_out[:, :, :hi] += received
             else:
-                grad_x[:, :, depth - lo:] += received
-        return grad_x, None, None, None
+                grad_out[:, :, depth - lo:] += received
+        return grad_out, None, None, None
 
 
 def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: str = "?"
@@ -124,7 +125,9 @@ def halo_exchange(x: torch.Tensor, mesh: SpatialMesh, lo: int, hi: int, layer: s
     """(x, the `lo` depth planes just below this rank's slab, the `hi` planes just above it);
     a halo is None at the volume's ends or where 0 planes are asked. Use the x returned (its
     gradient carries the neighbours' halo gradients back). Every rank of the group must call
-    it with the same lo and hi, and every slab must hold at least max(lo, hi) planes."""
+    it with the same lo and hi, and every slab must hold at least max(lo, hi) planes. The x
+    returned must feed only ops whose backward gives it a gradient tensor of its own (not
+    one handed on to another input): backward adds the neighbours' planes to it in place."""
     if mesh.tp_size == 1 or lo + hi == 0:
         return x, None, None
     if x.shape[2] < max(lo, hi):
