@@ -13,8 +13,8 @@ from fedmri.kernels.transposed import conv_transpose3d, transposable
 def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Cast a convolution's inputs as autocast would cast F.conv3d (custom ops are not
-    autocast by torch); unchanged outside autocast and on CPU."""
-    if x.device.type not in ("cpu", "meta") and torch.is_autocast_enabled(x.device.type):
+    autocast by torch); unchanged outside autocast."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
     return x, weight, bias

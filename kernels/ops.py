@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fedmri.kernels import build
 
@@ -94,6 +95,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> N
     ctx.has_bias = bias is not None
 
 
+@once_differentiable  # the backward ops have no autograd: refused, never silently wrong
 def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight, halo_lo, halo_hi, y = ctx.saved_tensors
     grad = grad_y

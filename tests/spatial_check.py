@@ -239,3 +239,34 @@ def halo_sharing(mesh: SpatialMesh, job_dir: Path) -> None:
     (job_dir / f"result{mesh.tp_rank}.json").write_text(json.dumps({
         "counts": counts, "held_after_forward": held_after_forward,
         "grad_reached_second_reader": y.grad is not None}))
+
+
+def second_order_and_cpu_autocast(mesh: SpatialMesh, job_dir: Path) -> None:
+    """Second derivatives through each kind of split layer (refused, never silently wrong),
+    and the split UNet under CPU bfloat16 autocast against one process under it."""
+    from torch import nn
+
+    refused = {}
+    for name, layer in (("conv", nn.Conv3d(2, 2, 3, padding=1)),
+                        ("norm", nn.InstanceNorm3d(2, affine=True)),
+                        ("upsample", nn.Upsample(scale_factor=2, mode="trilinear"))):
+        parallelize(layer.double(), mesh)
+        x = torch.rand(1, 2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        try:
+            grad.sum().backward()
+            refused[name] = ""
+        except RuntimeError as err:
+            refused[name] = str(err)
+    cfg = RunConfig(model="unet")
+    reference = build_model(cfg)
+    model = build_model(cfg)
+    model.load_state_dict(reference.state_dict())
+    parallelize(model, mesh)
+    start, stop = plan_slabs(model, 32, mesh.tp_size)[mesh.tp_rank]
+    image = torch.rand(1, 1, 32, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(image)[:, :, start:stop].float()
+        got = model(image[:, :, start:stop].contiguous())
+    (job_dir / f"result{mesh.tp_rank}.json").write_text(json.dumps({
+        "refused": refused, "dtype": str(got.dtype), "error": rel_err(got.float(), want)}))

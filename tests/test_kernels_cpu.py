@@ -310,3 +310,24 @@ def test_inference_path_equals_autograd_path() -> None:
         y_inference = _ours(t, 1, "relu")
     assert not y_inference.requires_grad
     torch.testing.assert_close(y_inference, y.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c,cout", [(2, 3), (16, 16)])  # direct kernel and oneDNN
+def test_second_derivatives_are_refused(c, cout) -> None:  # type: ignore[no-untyped-def]
+    t = make_inputs(1, c, cout, (4, 5, 6), 3, True, True, torch.float32)
+    y = _ours(t, 1, None)
+    (grad,) = torch.autograd.grad(y.square().sum(), t["x"], create_graph=True)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_cpu_autocast_casts_the_drop_in_as_it_casts_conv3d() -> None:
+    layer = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1),
+                                torch.nn.Conv3d(4, 3, 3, padding=1))
+    x = torch.rand(1, 2, 6, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+        use_fedmri_conv(layer)
+        got = layer(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel_err(got.double(), want.double()) < 2e-2

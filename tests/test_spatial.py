@@ -83,6 +83,19 @@ def test_layers_reading_one_tensor_share_its_halo_exchange(tmp_path: Path) -> No
         assert result["grad_reached_second_reader"]
 
 
+def test_second_derivatives_are_refused_and_cpu_autocast_runs(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    run_ranks("spatial_check:second_order_and_cpu_autocast", tmp_path, MeshShape(tp=2),
+              timeout_s=300, extra_env=env)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"result{rank}.json").read_text())
+        for layer, message in result["refused"].items():
+            assert "once_differentiable" in message, f"{layer}: second derivative not refused"
+        # bfloat16 rounds both sides (about 3 significant digits), in different orders
+        assert result["dtype"] == "torch.bfloat16"
+        assert result["error"] < 0.05
+
+
 def test_a_depth_the_strides_cannot_split_names_the_layer() -> None:
     model = build_model(RunConfig(model="basicunet"))
     with pytest.raises(SlabError, match=r"cannot split depth 48 over 4 ranks: layer "

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from fedmri.client.spatial.mesh import SpatialMesh
 from fedmri.client.spatial.shm import ShmTransport
@@ -94,6 +95,7 @@ class _HaloExchange(torch.autograd.Function):
         return x.view_as(x), halo_lo, halo_hi
 
     @staticmethod
+    @once_differentiable  # the exchange back is no autograd op: refused, never silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lo: torch.Tensor,
                  grad_hi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         mesh, lo, hi = ctx.mesh, ctx.lo, ctx.hi

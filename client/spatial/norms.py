@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fedmri.client.spatial.comm import all_reduce_sum
 from fedmri.client.spatial.layers import SpatialModule, Unsupported
@@ -65,6 +66,7 @@ class _SyncNormalize(torch.autograd.Function):
         return normalized.view_as(flat)
 
     @staticmethod
+    @once_differentiable  # its all-reduce is no autograd op: refused, never silently wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         normalized, var = ctx.saved_tensors
         rows = grad.reshape(normalized.shape)
