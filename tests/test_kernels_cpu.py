@@ -45,6 +45,21 @@ def _ref(t: dict[str, torch.Tensor | None], stride: int, act: str | None) -> tor
     return reference(t["x"], t["w"], t["b"], t["lo"], t["hi"], stride, act)  # type: ignore[arg-type]
 
 
+def _against_float64(t: dict[str, torch.Tensor | None], stride: int, act: str | None,
+                     channels_last: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor],
+                                dict[str, torch.Tensor]]:
+    """Our op on `t` (x made channels-last if asked) and the float64 reference on the same
+    values: both outputs and both sets of gradients for one random output gradient."""
+    if channels_last:
+        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()  # type: ignore[union-attr]
+    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
+           for key, v in t.items()}
+    y, ref = _ours(t, stride, act), _ref(t64, stride, act)
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    return y, ref, _grads(y, t, gy.to(y.dtype)), _grads(ref, t64, gy)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_float64_equals_reference_with_all_gradients(case) -> None:  # type: ignore[no-untyped-def]
     n, c, cout, dhw, k, stride, lo, hi, act = case
@@ -66,14 +81,10 @@ def test_low_precision_within_bound(case, dtype) -> None:  # type: ignore[no-unt
     """float32 goes through oneDNN; half types are computed in float32 and rounded once."""
     n, c, cout, dhw, k, stride, lo, hi, act = case
     t = make_inputs(n, c, cout, dhw, k, lo, hi, dtype)
-    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
-           for key, v in t.items()}
-    y, ref = _ours(t, stride, act), _ref(t64, stride, act)
+    y, ref, ours, theirs = _against_float64(t, stride, act)
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     assert y.dtype == dtype
     assert rel_err(y, ref) < bound
-    gy = torch.randn(ref.shape, dtype=torch.float64)
-    ours, theirs = _grads(y, t, gy.to(dtype)), _grads(ref, t64, gy)
     for name, g in theirs.items():
         assert ours[name].dtype == dtype
         assert rel_err(ours[name], g) < 4 * bound, name
@@ -243,16 +254,10 @@ DIRECT_CASES = [
 def test_direct_kernel_few_channels(case, channels_last) -> None:  # type: ignore[no-untyped-def]
     n, c, cout, dhw, k, lo, hi, act = case
     t = make_inputs(n, c, cout, dhw, k, lo, hi, torch.float32)
-    if channels_last:
-        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
-           for key, v in t.items()}
-    y, ref = _ours(t, 1, act), _ref(t64, 1, act)
+    y, ref, ours, theirs = _against_float64(t, 1, act, channels_last)
     assert y.shape == ref.shape
     assert rel_err(y, ref) < 1e-6
     # With <= 4 output channels the input gradient (the flipped convolution) is direct too.
-    gy = torch.randn(ref.shape, dtype=torch.float64)
-    ours, theirs = _grads(y, t, gy.float()), _grads(ref, t64, gy)
     for name, g in theirs.items():
         assert rel_err(ours[name], g) < 1e-5, name
 
@@ -264,13 +269,7 @@ def test_float32_halo_gradients_of_thin_slabs(c, cout, depth, channels_last) -> 
     """The halo planes' input gradients come from a few output-gradient planes each side,
     also where the slab is thinner than the kernel."""
     t = make_inputs(1, c, cout, (depth, 5, 6), 3, True, True, torch.float32)
-    if channels_last:
-        t["x"] = t["x"].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    t64 = {key: v.detach().double().requires_grad_() if v is not None else None
-           for key, v in t.items()}
-    y, ref = _ours(t, 1, None), _ref(t64, 1, None)
-    gy = torch.randn(ref.shape, dtype=torch.float64)
-    ours, theirs = _grads(y, t, gy.float()), _grads(ref, t64, gy)
+    _, _, ours, theirs = _against_float64(t, 1, None, channels_last)
     for name, g in theirs.items():
         assert ours[name].shape == g.shape
         assert rel_err(ours[name], g) < 1e-5, name
