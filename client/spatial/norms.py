@@ -28,16 +28,17 @@ def group_moments(flat: torch.Tensor, group: dist.ProcessGroup | None, rank: int
     if group is None:
         return mean, var, float(count)
     # Every rank's (count, mean, M2) side by side, gathered by summing zero-padded rows.
-    rows = flat.new_zeros((size, 1 + 2 * mean.numel()))
-    rows[rank, 0] = float(count)
-    rows[rank, 1:1 + mean.numel()] = mean.reshape(-1)
-    rows[rank, 1 + mean.numel():] = (var * count).reshape(-1)
+    n = mean.numel()
+    rows = flat.new_zeros((size, 1 + 2 * n))
+    torch.cat((mean.new_full((1,), count), mean.reshape(-1), var.reshape(-1) * count),
+              out=rows[rank])
     all_reduce_sum(rows, group)
-    counts, means = rows[:, :1], rows[:, 1:1 + mean.numel()]
-    total = counts.sum()
-    mean_all = (counts * means).sum(0) / total
-    m2_all = rows[:, 1 + mean.numel():].sum(0) + (counts * (means - mean_all).square()).sum(0)
-    return mean_all.view_as(mean), (m2_all / total).view_as(mean), float(total)
+    counts, means, m2s = rows.split([1, n, n], dim=1)
+    total = float(counts.sum())
+    mean_all = (counts * means).sum(0).div_(total)  # not mm: autocast would make it bf16
+    spread = (means - mean_all).square_().mul_(counts)  # Chan: M2 = sum M2_i + c_i d_i^2
+    var_all = m2s.sum(0).add_(spread.sum(0)).div_(total)
+    return mean_all.view_as(mean), var_all.view_as(mean), total
 
 
 def _scale_rows(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -78,11 +79,10 @@ class _SyncNormalize(torch.autograd.Function):
             torch.zeros_like(var), ones, True, 0.0, [False, True, True])
         sums = torch.stack([sum_grad, sum_proj])
         all_reduce_sum(sums, ctx.group)
-        mean_grad, mean_proj = sums[0] / ctx.count, sums[1] / ctx.count
+        mean_grad, mean_proj = sums.div_(ctx.count).unbind()
         # rstd * (grad - mean_grad - normalized * mean_proj), in two passes.
         out = _scale_rows(rows, mean_grad, var, ctx.eps)
-        rstd = torch.rsqrt(var + ctx.eps)
-        out.addcmul_(normalized, (-rstd * mean_proj).unsqueeze(-1))
+        out.addcmul_(normalized, mean_proj.mul_(torch.rsqrt(var + ctx.eps)).neg_().unsqueeze(-1))
         return out.view_as(grad), None, None, None, None, None
 
 

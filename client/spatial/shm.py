@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -67,8 +67,8 @@ class _Backoff:
     """How a rank waits for a counter: spin while it has a core of its own, else yield; give
     up after `timeout_s` with a message that says what it was waiting for."""
 
-    def __init__(self, spin: bool, timeout_s: float, what: str) -> None:
-        self.spin, self.timeout_s, self.what = spin, timeout_s, what
+    def __init__(self, spin: bool, timeout_s: float, what: Callable[[], str]) -> None:
+        self.spin, self.timeout_s, self.what = spin, timeout_s, what  # what: built on timeout
         self.start = time.perf_counter()
 
     def spins(self) -> int:
@@ -77,7 +77,7 @@ class _Backoff:
     def pause(self) -> None:
         waited = time.perf_counter() - self.start
         if waited > self.timeout_s:
-            raise ShmTimeout(f"{self.what}: nothing within {self.timeout_s:.0f} s")
+            raise ShmTimeout(f"{self.what()}: nothing within {self.timeout_s:.0f} s")
         if self.spin and waited < SPIN_S:
             return  # spin on: the core is this rank's own
         if waited < 1e-3:
@@ -108,6 +108,16 @@ class ShmTransport:
         self.sent = [0, 0]  # chunks this rank sent down / up
         self.taken = [0, 0]  # chunks it took from below / above
         self.rounds = {ranks: 0 for ranks in groups_of(groups, rank)}
+        self.direction = {peer: d for d, peer in self.neighbours.items() if peer is not None}
+        # Per group: each member's (rank, `ready` counter index, share slot), in rank order.
+        self.members = {ranks: [(p, self._group_counter(p, ranks),
+                                 self._slot(p, 2 + groups_of(groups, p).index(ranks)))
+                                for p in ranks] for ranks in self.rounds}
+        # The same, as shm_sum takes them: counters, their word offsets, slots.
+        self.tables = {ranks: ([self.ctr[p] for p, _, _ in members],
+                               [index * LINE for _, index, _ in members],
+                               [slot for _, _, slot in members])
+                       for ranks, members in self.members.items()}
 
     # -- counters ------------------------------------------------------------------------------
     def _store(self, index: int, value: int) -> None:
@@ -117,24 +127,27 @@ class ShmTransport:
         seen = torch.ops.fedmri.shm_wait(self.ctr[peer], index * LINE, target, backoff.spins())
         return bool(seen >= target)
 
-    def _wait_group(self, ranks: tuple[int, ...], done: bool, target: int, what: str) -> None:
+    def _wait_group(self, ranks: tuple[int, ...], done: bool, target: int) -> None:
         """Until every member's ready (or done) counter of this group reaches target."""
-        backoff = _Backoff(self.spin, self.timeout_s, what)
-        for peer in ranks:
-            backoff.what = f"{what}, waiting for rank {peer}"
-            index = self._group_counter(peer, ranks) + done
+        backoff = None
+        for peer, ready, _ in self.members[ranks]:
+            index = ready + done
+            if torch.ops.fedmri.shm_wait(self.ctr[peer], index * LINE, target, 0) >= target:
+                continue
+            def what(peer: int = peer) -> str:
+                return f"rank {self.rank}: sum over ranks {list(ranks)}, waiting for rank {peer}"
+
+            if backoff is None:
+                backoff = _Backoff(self.spin, self.timeout_s, what)
+            backoff.what = what
             while not self._reached(peer, index, target, backoff):
                 backoff.pause()
 
-    def _sign(self, index: int, sig: int) -> None:
-        """Publish a message's signature; the release store of counter `index` follows."""
-        self.ctr[self.rank][index * LINE + 1] = sig
-
-    def _check(self, peer: int, index: int, sig: int, what: str) -> None:
+    def _mismatch(self, peer: int, index: int, sig: int, what: str) -> None:
+        """Raise: the peer's message (counter `index`) is not the size or dtype expected."""
         theirs = int(self.ctr[peer][index * LINE + 1])
-        if theirs != sig:
-            raise ValueError(f"rank {self.rank}: {what}: rank {peer} sent {describe(theirs)}, "
-                             f"this rank has {describe(sig)}")
+        raise ValueError(f"rank {self.rank}: {what}: rank {peer} sent {describe(theirs)}, "
+                         f"this rank has {describe(sig)}")
 
     def _slot(self, owner: int, slot: int) -> torch.Tensor:
         return self.data[owner][slot * CHUNK:(slot + 1) * CHUNK]
@@ -151,9 +164,11 @@ class ShmTransport:
                                  "one exchange")
         steps = [self._send(t, self._direction(p)) for t, p in sends]
         steps += [self._recv(t, self._direction(p)) for t, p in recvs]
-        peers = ", ".join(str(p) for p in sorted({p for _, p in sends + recvs}))
-        backoff = _Backoff(self.spin, self.timeout_s,
-                           f"rank {self.rank}: halo exchange with rank(s) {peers}")
+        def what() -> str:
+            peers = ", ".join(str(p) for p in sorted({p for _, p in sends + recvs}))
+            return f"rank {self.rank}: halo exchange with rank(s) {peers}"
+
+        backoff = _Backoff(self.spin, self.timeout_s, what)
         while steps:
             moved = False
             for step in list(steps):
@@ -168,24 +183,21 @@ class ShmTransport:
                 backoff.pause()
 
     def _direction(self, peer: int) -> int:
-        for direction, neighbour in self.neighbours.items():
-            if neighbour == peer:
-                return direction
-        raise ValueError(f"rank {peer} is not a tp neighbour of rank {self.rank}")
+        if peer not in self.direction:
+            raise ValueError(f"rank {peer} is not a tp neighbour of rank {self.rank}")
+        return self.direction[peer]
 
     def _send(self, tensor: torch.Tensor, direction: int) -> Iterator[bool]:
         peer = self.neighbours[direction]
         assert peer is not None
-        data, sig = _bytes(tensor.contiguous()), signature(tensor)
-        for start in range(0, data.numel(), CHUNK):
+        sig, mine = signature(tensor), self._slot(self.rank, direction)
+        for part in _chunks(tensor.contiguous()):
             # The peer takes from its side facing us: from below if we send up.
             while not self._reached(peer, 2 + (1 - direction), self.sent[direction], _NO_SPIN):
                 yield False
-            part = data[start:start + CHUNK]
-            self._slot(self.rank, direction)[:part.numel()].copy_(part)
-            self._sign(direction, sig)
             self.sent[direction] += 1
-            self._store(direction, self.sent[direction])
+            torch.ops.fedmri.shm_publish(self.ctr[self.rank], direction * LINE,
+                                         self.sent[direction], sig, mine, part)
             yield True
 
     def _recv(self, tensor: torch.Tensor, direction: int) -> Iterator[bool]:
@@ -193,16 +205,19 @@ class ShmTransport:
         assert peer is not None
         if not tensor.is_contiguous():
             raise ValueError(f"rank {self.rank}: a halo is received into a contiguous tensor")
-        data, sig = _bytes(tensor), signature(tensor)
-        for start in range(0, data.numel(), CHUNK):
+        sig, theirs = signature(tensor), self._slot(peer, 1 - direction)
+        for part in _chunks(tensor):
             # The peer sends to us up if it is below us.
-            while not self._reached(peer, 1 - direction, self.taken[direction] + 1, _NO_SPIN):
+            while True:
+                taken = torch.ops.fedmri.shm_take(
+                    self.ctr[peer], (1 - direction) * LINE, self.taken[direction] + 1, sig,
+                    theirs, part, self.ctr[self.rank], (2 + direction) * LINE)
+                if taken:
+                    break
                 yield False
-            self._check(peer, 1 - direction, sig, "halo exchange")
-            part = data[start:start + CHUNK]
-            part.copy_(self._slot(peer, 1 - direction)[:part.numel()])
+            if taken < 0:
+                self._mismatch(peer, 1 - direction, sig, "halo exchange")
             self.taken[direction] += 1
-            self._store(2 + direction, self.taken[direction])
             yield True
 
     # -- sums ----------------------------------------------------------------------------------
@@ -214,22 +229,20 @@ class ShmTransport:
         shares in rank order, so all hold the same bits, as the replicated loss needs."""
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         per_chunk = CHUNK // flat.element_size()
-        what = f"rank {self.rank}: sum over ranks {list(ranks)}"
-        ready, sig = self._group_counter(self.rank, ranks), signature(tensor)
+        members, sig = self.members[ranks], signature(tensor)
+        _, ready, mine = members[ranks.index(self.rank)]
         for start in range(0, flat.numel(), per_chunk):
             part = flat[start:start + per_chunk]
             round_ = self.rounds[ranks] + 1
             # Everyone has read this rank's share of the last round.
-            self._wait_group(ranks, True, round_ - 1, what)
-            self._share(self.rank, ranks, part).copy_(part)
-            self._sign(ready, sig)
-            self._store(ready, round_)
-            self._wait_group(ranks, False, round_, what)
-            for peer in ranks:
-                self._check(peer, self._group_counter(peer, ranks), sig, "sum")
-            part.copy_(self._share(ranks[0], ranks, part))
-            for peer in ranks[1:]:
-                part.add_(self._share(peer, ranks, part))
+            self._wait_group(ranks, True, round_ - 1)
+            torch.ops.fedmri.shm_publish(self.ctr[self.rank], ready * LINE, round_, sig, mine,
+                                         part)
+            self._wait_group(ranks, False, round_)
+            failed = torch.ops.fedmri.shm_sum(part, *self.tables[ranks], sig)
+            if failed:
+                peer, index, _ = members[-1 - failed]
+                self._mismatch(peer, index, sig, "sum")
             self._store(ready + 1, round_)
             self.rounds[ranks] = round_
         if flat.data_ptr() != tensor.data_ptr():
@@ -240,24 +253,23 @@ class ShmTransport:
         are the mesh's groups that hold it, in order, so the index differs between owners."""
         return 4 + 2 * groups_of(self.groups, owner).index(ranks)
 
-    def _share(self, owner: int, ranks: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The owner's share of a sum over `ranks`, typed as `like`."""
-        slot = self._slot(owner, 2 + groups_of(self.groups, owner).index(ranks))
-        return slot[:like.numel() * like.element_size()].view(like.dtype)
-
 
 class _NoSpin(_Backoff):
     """One look at a counter (the exchange's progress loop does the waiting)."""
 
     def __init__(self) -> None:
-        super().__init__(False, 0.0, "")
+        super().__init__(False, 0.0, str)
 
 
 _NO_SPIN = _NoSpin()
 
 
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
+def _chunks(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """A contiguous tensor as the pieces that fit a slot (itself, mostly; none if empty)."""
+    if 0 < tensor.numel() * tensor.element_size() <= CHUNK:
+        return [tensor]
+    data = tensor.reshape(-1).view(torch.uint8)
+    return [data[start:start + CHUNK] for start in range(0, data.numel(), CHUNK)]
 
 
 def create_file(folder: Path, rank: int, groups: list[tuple[int, ...]]) -> None:
