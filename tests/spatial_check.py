@@ -152,8 +152,9 @@ def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
     """Halo exchanges and sums through the transport the launcher set up, against values
     every rank can compute: messages of several chunks both ways at once, and sums of
     several chunks over each group of the mesh, of int64, float64 and non-contiguous
-    tensors. job.json may say `"idle_rank": r` (rank r sleeps instead: a peer's timeout) or
-    `"odd_rank": r` (rank r's last sum is one element longer than its peers')."""
+    tensors. job.json may say `"idle_rank": r` (rank r sleeps instead: a peer's timeout),
+    `"odd_rank": r` (rank r's last sum is one element longer than its peers') or
+    `"odd_halo": r` (so are the halos rank r sends last)."""
     import time
 
     import torch.distributed as dist
@@ -197,6 +198,10 @@ def shm_traffic(mesh: SpatialMesh, job_dir: Path) -> None:
         assert torch.equal(strided, torch.arange(12).view(3, 4).t() * factor), "int64 sum"
     if "odd_rank" in job:
         comm.all_reduce_sum(torch.ones(4 + (job["odd_rank"] == rank)), mesh.world_group)
+    if "odd_halo" in job:
+        peers = [p for p in (mesh.below, mesh.above) if p is not None]
+        comm._exchange([(torch.ones(3 + (job["odd_halo"] == rank)), p) for p in peers],
+                       [(torch.empty(3), p) for p in peers], mesh.tp_group)
     transport = "shm" if comm.shared_memory() else "gloo"
     (job_dir / f"result{rank}.json").write_text(json.dumps({"transport": transport}))
 

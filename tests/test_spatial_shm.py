@@ -73,6 +73,12 @@ def test_a_sum_of_mismatched_tensors_is_an_error_not_a_wrong_result(tmp_path: Pa
         _traffic(tmp_path, MeshShape(tp=3), {"odd_rank": 1})
 
 
+def test_a_halo_of_another_size_is_an_error_not_a_wrong_result(tmp_path: Path) -> None:
+    with pytest.raises(WorkerFailure, match=r"rank 0 failed: .*halo exchange: rank 1 sent 16 "
+                                            r"bytes of torch.float32, this rank has 12 bytes"):
+        _traffic(tmp_path, MeshShape(tp=2), {"odd_halo": 1})
+
+
 def test_ranks_spin_only_within_their_cgroup_cpu_quota(tmp_path: Path) -> None:
     from fedmri.client.spatial.worker import _cpu_quota
 
