@@ -2,10 +2,10 @@
 
 The library defines three ops in the `fedmri` namespace (kernels/csrc/registration.cpp):
 conv3d_forward, conv3d_backward_input, conv3d_backward_weight, each with a CPU and (when
-compiled) a CUDA kernel, and two CPU ops on counters in shared memory (shm_store, shm_wait:
-kernels/csrc/shm_counters.cpp, for fedmri.client.spatial.shm). This module loads the library,
-compiling it on first use, and registers what torch.compile and autograd need on the Python
-side.
+compiled) a CUDA kernel, and five CPU ops on messages in shared memory (shm_store, shm_wait,
+shm_publish, shm_take, shm_sum: kernels/csrc/shm_counters.cpp, for fedmri.client.spatial.shm).
+This module loads the library, compiling it on first use, and registers what torch.compile and
+autograd need on the Python side.
 """
 
 from __future__ import annotations

@@ -47,8 +47,9 @@ def signature(t: torch.Tensor) -> int:
 
 
 def describe(sig: int) -> str:
-    code = sig % 32
-    return f"{sig // 32} bytes of {_DTYPES[code - 1] if code else 'another dtype'}"
+    code = sig % 32  # a faulty peer may publish any number
+    known = 0 < code <= len(_DTYPES)
+    return f"{sig // 32} bytes of {_DTYPES[code - 1] if known else 'another dtype'}"
 
 
 def groups_of(groups: list[tuple[int, ...]], rank: int) -> list[tuple[int, ...]]:
@@ -195,9 +196,9 @@ class ShmTransport:
             # The peer takes from its side facing us: from below if we send up.
             while not self._reached(peer, 2 + (1 - direction), self.sent[direction], _NO_SPIN):
                 yield False
-            self.sent[direction] += 1
             torch.ops.fedmri.shm_publish(self.ctr[self.rank], direction * LINE,
-                                         self.sent[direction], sig, mine, part)
+                                         self.sent[direction] + 1, sig, mine, part)
+            self.sent[direction] += 1
             yield True
 
     def _recv(self, tensor: torch.Tensor, direction: int) -> Iterator[bool]:
@@ -239,7 +240,7 @@ class ShmTransport:
             torch.ops.fedmri.shm_publish(self.ctr[self.rank], ready * LINE, round_, sig, mine,
                                          part)
             self._wait_group(ranks, False, round_)
-            failed = torch.ops.fedmri.shm_sum(part, *self.tables[ranks], sig)
+            failed = torch.ops.fedmri.shm_sum(part, *self.tables[ranks], round_, sig)
             if failed:
                 peer, index, _ = members[-1 - failed]
                 self._mismatch(peer, index, sig, "sum")

@@ -70,21 +70,25 @@ int64_t shm_take(const at::Tensor& peer_counters, int64_t index, int64_t target,
     return -1;
   }
   std::memcpy(data.data_ptr(), slot_bytes(slot, data.nbytes()), data.nbytes());
+  data.unsafeGetTensorImpl()->bump_version();  // written in place, as copy_ would say
   __atomic_store_n(counter(counters, taken_index), target, __ATOMIC_RELEASE);
   return 1;
 }
 
-// part = the members' shares (slots), added in the order given, once every member's counter
-// has been seen at this round (the caller waited). Returns -1 - i if member i published
+// part = the members' shares (slots), added in the order given; every member's counter must
+// have reached `round` (the caller waited for it). Returns -1 - i if member i published
 // another signature (part is then unchanged), else 0.
 int64_t shm_sum(const at::Tensor& part, at::TensorList counters, at::IntArrayRef indices,
-                at::TensorList slots, int64_t signature) {
+                at::TensorList slots, int64_t round, int64_t signature) {
   TORCH_CHECK(part.is_cpu() && part.is_contiguous() && part.dim() == 1,
               "fedmri.shm: a sum's part must be a flat contiguous CPU tensor");
   TORCH_CHECK(counters.size() == indices.size() && slots.size() == indices.size(),
               "fedmri.shm: one counter and one slot per member");
   for (size_t i = 0; i < indices.size(); ++i) {
-    if (__atomic_load_n(signature_of(counters[i], indices[i]), __ATOMIC_ACQUIRE) != signature) {
+    // The acquire load of the counter orders the reads of its signature and share after it.
+    TORCH_CHECK(__atomic_load_n(counter(counters[i], indices[i]), __ATOMIC_ACQUIRE) >= round,
+                "fedmri.shm: member ", i, " of a sum has not published round ", round);
+    if (__atomic_load_n(signature_of(counters[i], indices[i]), __ATOMIC_RELAXED) != signature) {
       return -1 - static_cast<int64_t>(i);
     }
   }
@@ -127,7 +131,7 @@ TORCH_LIBRARY_FRAGMENT(fedmri, m) {
   m.def("shm_take(Tensor peer_counters, int index, int target, int signature, Tensor slot, "
         "Tensor(a!) data, Tensor(b!) counters, int taken_index) -> int");
   m.def("shm_sum(Tensor(a!) part, Tensor[] counters, int[] indices, Tensor[] slots, "
-        "int signature) -> int");
+        "int round, int signature) -> int");
 }
 
 TORCH_LIBRARY_IMPL(fedmri, CPU, m) {
