@@ -87,3 +87,32 @@ def test_ranks_spin_only_within_their_cgroup_cpu_quota(tmp_path: Path) -> None:
     assert _cpu_quota(tmp_path / "limited") == 1.5  # 2 spinning ranks would be throttled
     assert _cpu_quota(tmp_path / "unlimited") == float("inf")
     assert _cpu_quota(tmp_path / "absent") == float("inf")
+
+
+def test_the_compiled_message_ops_check_signatures_rounds_and_sizes() -> None:
+    import torch
+
+    from fedmri.kernels import ops
+
+    ops.load()
+    shm_ops = torch.ops.fedmri
+    theirs, mine = torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64)
+    slot = torch.zeros(64, dtype=torch.uint8)
+    sent = torch.arange(6.0).view(2, 3).t()  # not contiguous: published as its values
+    shm_ops.shm_publish(theirs, 0, 1, 7, slot, sent)
+    got = torch.empty(3, 2)
+    assert shm_ops.shm_take(theirs, 0, 2, 7, slot, got, mine, 8) == 0  # round 2: not yet
+    assert shm_ops.shm_take(theirs, 0, 1, 9, slot, got, mine, 8) == -1  # another signature
+    assert int(mine[8]) == 0
+    version = got._version
+    assert shm_ops.shm_take(theirs, 0, 1, 7, slot, got, mine, 8) == 1
+    assert torch.equal(got, sent) and int(mine[8]) == 1 and got._version > version
+    part = torch.zeros(6)
+    assert shm_ops.shm_sum(part, [theirs, theirs], [0, 0], [slot, slot], 1, 9) == -1
+    assert torch.equal(part, torch.zeros(6))  # untouched on a mismatch
+    assert shm_ops.shm_sum(part, [theirs, theirs], [0, 0], [slot, slot], 1, 7) == 0
+    assert torch.equal(part, 2 * sent.reshape(-1))
+    with pytest.raises(RuntimeError, match="has not published round 2"):
+        shm_ops.shm_sum(part, [theirs], [0], [slot], 2, 7)
+    with pytest.raises(RuntimeError, match="does not fit its slot"):
+        shm_ops.shm_publish(mine, 0, 1, 7, slot, torch.zeros(17))
