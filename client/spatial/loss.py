@@ -36,12 +36,18 @@ def dice_ce_loss(logits: torch.Tensor | None, labels: torch.Tensor | None, mesh:
     dims = tuple(range(2, logits.dim()))
     # Per sample and class: intersection, predicted and true volume; summed over slabs.
     sums = torch.stack([(probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims)])
-    sums = replica_sum(sums, mesh.tp_group)
+    ce = F.cross_entropy(logits, labels[:, 0].long(), reduction="sum")
+    if mesh.dp_group is None:
+        # The tp group is the whole mesh: one reduction for both (a synchronisation less).
+        both = replica_sum(torch.cat([sums.reshape(-1), ce.reshape(1)]), mesh.tp_group)
+        sums, ce_sum = both[:-1].view_as(sums), both[-1]
+    else:
+        sums, ce_sum = replica_sum(sums, mesh.tp_group), None
     intersection, predicted, truth = sums[0], sums[1], sums[2]
     dice = 1.0 - (2.0 * intersection + SMOOTH) / (predicted + truth + SMOOTH)
     dice_sum = replica_sum(dice.sum(), mesh.dp_group)
-    ce = F.cross_entropy(logits, labels[:, 0].long(), reduction="sum")
-    ce_sum = replica_sum(ce, mesh.world_group)
+    if ce_sum is None:  # after the dp sum: the order the replicas without samples keep
+        ce_sum = replica_sum(ce, mesh.world_group)
     return _combine(dice_sum, ce_sum, num_classes, batch_size, volume_voxels)
 
 
