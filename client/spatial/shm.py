@@ -110,15 +110,12 @@ class ShmTransport:
         self.taken = [0, 0]  # chunks it took from below / above
         self.rounds = {ranks: 0 for ranks in groups_of(groups, rank)}
         self.direction = {peer: d for d, peer in self.neighbours.items() if peer is not None}
-        # Per group: each member's (rank, `ready` counter index, share slot), in rank order.
-        self.members = {ranks: [(p, self._group_counter(p, ranks),
-                                 self._slot(p, 2 + groups_of(groups, p).index(ranks)))
-                                for p in ranks] for ranks in self.rounds}
-        # The same, as shm_sum takes them: counters, their word offsets, slots.
-        self.tables = {ranks: ([self.ctr[p] for p, _, _ in members],
-                               [index * LINE for _, index, _ in members],
-                               [slot for _, _, slot in members])
-                       for ranks, members in self.members.items()}
+        # Per group, as shm_sum takes them: each member's counters, the word offset of its
+        # `ready` counter in them, its share slot; in rank order, as the group lists its ranks.
+        self.members = {ranks: ([self.ctr[p] for p in ranks],
+                                [self._group_counter(p, ranks) * LINE for p in ranks],
+                                [self._slot(p, 2 + groups_of(groups, p).index(ranks))
+                                 for p in ranks]) for ranks in self.rounds}
 
     # -- counters ------------------------------------------------------------------------------
     def _store(self, index: int, value: int) -> None:
@@ -131,8 +128,8 @@ class ShmTransport:
     def _wait_group(self, ranks: tuple[int, ...], done: bool, target: int) -> None:
         """Until every member's ready (or done) counter of this group reaches target."""
         backoff = None
-        for peer, ready, _ in self.members[ranks]:
-            index = ready + done
+        for peer, offset in zip(ranks, self.members[ranks][1], strict=True):
+            index = offset // LINE + done
             if torch.ops.fedmri.shm_wait(self.ctr[peer], index * LINE, target, 0) >= target:
                 continue
             def what(peer: int = peer) -> str:
@@ -230,8 +227,9 @@ class ShmTransport:
         shares in rank order, so all hold the same bits, as the replicated loss needs."""
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         per_chunk = CHUNK // flat.element_size()
-        members, sig = self.members[ranks], signature(tensor)
-        _, ready, mine = members[ranks.index(self.rank)]
+        counters, offsets, slots = self.members[ranks]
+        ready, mine = offsets[ranks.index(self.rank)] // LINE, slots[ranks.index(self.rank)]
+        sig = signature(tensor)
         for start in range(0, flat.numel(), per_chunk):
             part = flat[start:start + per_chunk]
             round_ = self.rounds[ranks] + 1
@@ -240,10 +238,9 @@ class ShmTransport:
             torch.ops.fedmri.shm_publish(self.ctr[self.rank], ready * LINE, round_, sig, mine,
                                          part)
             self._wait_group(ranks, False, round_)
-            failed = torch.ops.fedmri.shm_sum(part, *self.tables[ranks], round_, sig)
+            failed = torch.ops.fedmri.shm_sum(part, counters, offsets, slots, round_, sig)
             if failed:
-                peer, index, _ = members[-1 - failed]
-                self._mismatch(peer, index, sig, "sum")
+                self._mismatch(ranks[-1 - failed], offsets[-1 - failed] // LINE, sig, "sum")
             self._store(ready + 1, round_)
             self.rounds[ranks] = round_
         if flat.data_ptr() != tensor.data_ptr():
