@@ -21,7 +21,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("registration.cpp", "conv3d_cpu.cpp", "conv3d_cpu_direct.cpp",
-               "shm_counters.cpp")
+               "shm_counters.cpp", "row_stats.cpp")
 # The host dispatch and one file per kernel family, so that ninja compiles them in parallel;
 # longest compile first (ninja starts jobs in this order).
 CUDA_SOURCES = ("conv3d_cuda.cu", "conv3d_cuda_wgmma.cu", "conv3d_cuda_wmma.cu",

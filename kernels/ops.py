@@ -2,8 +2,9 @@
 
 The library defines three ops in the `fedmri` namespace (kernels/csrc/registration.cpp):
 conv3d_forward, conv3d_backward_input, conv3d_backward_weight, each with a CPU and (when
-compiled) a CUDA kernel, and five CPU ops on messages in shared memory (shm_store, shm_wait,
-shm_publish, shm_take, shm_sum: kernels/csrc/shm_counters.cpp, for fedmri.client.spatial.shm).
+compiled) a CUDA kernel, five CPU ops on messages in shared memory (shm_store, shm_wait,
+shm_publish, shm_take, shm_sum: kernels/csrc/shm_counters.cpp, for fedmri.client.spatial.shm)
+and one for the split norms' statistics (norm_row_moments: kernels/csrc/row_stats.cpp).
 This module loads the library, compiling it on first use, and registers what torch.compile and
 autograd need on the Python side.
 """

@@ -3,6 +3,7 @@ input, opcheck, torch.compile, errors, and the model swap."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 
@@ -330,3 +331,36 @@ def test_cpu_autocast_casts_the_drop_in_as_it_casts_conv3d() -> None:
         got = layer(x)
     assert got.dtype == want.dtype == torch.bfloat16
     assert rel_err(got.double(), want.double()) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_norm_row_moments_are_exact_to_rounding(dtype) -> None:  # type: ignore[no-untyped-def]
+    # Against the exact mean and variance (fractions): rows of lengths around the op's
+    # 2048-value blocks, one with a large offset (1e4, spread 1e-3) and one whose first value
+    # is a far outlier; ATen's torch.var is 1e-10 off on the offset row in float64.
+    load()
+    gen = torch.Generator().manual_seed(3)
+    for length in (1, 7, 2048, 2049, 5000):
+        rows = torch.randn(4, length, generator=gen, dtype=torch.float64)
+        rows[1] = rows[1] * 1e-3 + 1e4
+        rows[2, 0] = 1e7
+        rows = rows.to(dtype)
+        mean, var = torch.ops.fedmri.norm_row_moments(rows)
+        assert mean.dtype == dtype and var.dtype == dtype
+        tol = 1e-14 if dtype == torch.float64 else 2e-7  # the result's own rounding
+        for row, m, v in zip(rows.tolist(), mean.tolist(), var.tolist(), strict=True):
+            exact_mean, exact_var = statistics.fmean(row), statistics.pvariance(row)
+            assert m == pytest.approx(exact_mean, rel=tol)
+            assert v == pytest.approx(exact_var, rel=tol, abs=1e-300)
+    empty_mean, empty_var = torch.ops.fedmri.norm_row_moments(torch.empty(2, 0, dtype=dtype))
+    assert empty_mean.tolist() == [0.0, 0.0] and empty_var.tolist() == [0.0, 0.0]
+
+
+def test_norm_row_moments_refuse_what_they_cannot_read() -> None:
+    load()
+    with pytest.raises(RuntimeError, match="contiguous 2-D CPU tensor"):
+        torch.ops.fedmri.norm_row_moments(torch.zeros(4, 6).t())
+    with pytest.raises(RuntimeError, match="contiguous 2-D CPU tensor"):
+        torch.ops.fedmri.norm_row_moments(torch.zeros(2, 3, 4))
+    with pytest.raises(RuntimeError, match="float32 or float64, got Int"):
+        torch.ops.fedmri.norm_row_moments(torch.zeros(2, 3, dtype=torch.int32))

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fedmri import kernels
 from fedmri.client.spatial.comm import all_reduce_sum
 from fedmri.client.spatial.layers import SpatialModule, Unsupported
 from fedmri.client.spatial.mesh import SpatialMesh
@@ -22,8 +23,7 @@ def group_moments(flat: torch.Tensor, group: dist.ProcessGroup | None, rank: int
     """Mean, biased variance and count over the last dimension of `flat` and over the ranks
     of `group` (this rank is `rank` of `size`), with one all-reduce; no gradient."""
     count = flat.shape[-1]
-    # Per row, two passes in one ATen call (3x faster than var_mean's Welford on the CPU).
-    mean, var = torch.batch_norm_update_stats(flat.reshape(1, -1, count), None, None, 0.0)
+    mean, var = _row_moments(flat.reshape(-1, count))
     mean, var = mean.view(flat.shape[:-1]), var.view(flat.shape[:-1])
     if group is None:
         return mean, var, float(count)
@@ -39,6 +39,16 @@ def group_moments(flat: torch.Tensor, group: dist.ProcessGroup | None, rank: int
     spread = (means - mean_all).square_().mul_(counts)  # Chan: M2 = sum M2_i + c_i d_i^2
     var_all = m2s.sum(0).add_(spread.sum(0)).div_(total)
     return mean_all.view_as(mean), var_all.view_as(mean), total
+
+
+def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of each row (rows, length), as accurate as a two-pass variance.
+    On the CPU our op (kernels/csrc/row_stats.cpp: 5x faster than ATen's, which costs a split
+    rank about 9 ms a step at 128³); elsewhere ATen's two passes in one call."""
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        kernels.load()
+        return torch.ops.fedmri.norm_row_moments(rows)
+    return torch.batch_norm_update_stats(rows.unsqueeze(0), None, None, 0.0)
 
 
 def _scale_rows(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
