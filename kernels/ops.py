@@ -85,6 +85,10 @@ def _register_python_side() -> None:
     def _weight_fake(grad_out, x, weight, halo_lo, halo_hi, stride):
         return weight.new_empty(weight.shape), weight.new_empty([weight.shape[0]])
 
+    @torch.library.register_fake(lib + "norm_row_moments")
+    def _moments_fake(x):
+        return x.new_empty([x.shape[0]]), x.new_empty([x.shape[0]])
+
     torch.library.register_autograd(lib + "conv3d_forward", _backward,
                                     setup_context=_setup_context)
 

@@ -275,3 +275,40 @@ def second_order_and_cpu_autocast(mesh: SpatialMesh, job_dir: Path) -> None:
         got = model(image[:, :, start:stop].contiguous())
     (job_dir / f"result{mesh.tp_rank}.json").write_text(json.dumps({
         "refused": refused, "dtype": str(got.dtype), "error": rel_err(got.float(), want)}))
+
+
+def norms_on_strided_slabs(mesh: SpatialMesh, job_dir: Path) -> None:
+    """The split norms on channels-last slabs and on depth-narrowed views (their rows reach
+    the statistics op as strided views): outputs and input gradients against one process."""
+    from torch import nn
+
+    errors = {}
+    for name, make in (("batch", lambda: nn.BatchNorm3d(4)), ("instance",
+                       lambda: nn.InstanceNorm3d(4, affine=True)),
+                       ("group", lambda: nn.GroupNorm(2, 4))):
+        for batch, layout in ((2, "channels_last"), (1, "channels_last"), (1, "narrowed")):
+            torch.manual_seed(5)
+            reference, split = make().double(), make().double()
+            split.load_state_dict(reference.state_dict())
+            parallelize(split, mesh)
+            whole = torch.rand(batch, 4, 8, 5, 3, dtype=torch.float64) * 3 + 1
+            start, stop = 4 * mesh.tp_rank, 4 * (mesh.tp_rank + 1)
+            want_x = whole.clone().requires_grad_()
+            want = reference(want_x)
+            (want * torch.arange(want.numel()).view_as(want)).sum().backward()
+            if layout == "channels_last":
+                leaf = whole[:, :, start:stop].contiguous(
+                    memory_format=torch.channels_last_3d).requires_grad_()
+                slab = leaf
+            else:  # a view into planes around the slab, as a slice of a layer's output
+                leaf = torch.nn.functional.pad(whole, (0, 0, 0, 0, 1, 1)).requires_grad_()
+                slab = leaf[:, :, 1 + start:1 + stop]
+            got = split(slab)
+            weights = torch.arange(want.numel()).view_as(want)[:, :, start:stop]
+            (got * weights).sum().backward()
+            assert leaf.grad is not None and want_x.grad is not None
+            grad = leaf.grad if layout == "channels_last" else leaf.grad[:, :, 1 + start:1 + stop]
+            errors[f"{name}-{batch}-{layout}"] = max(
+                rel_err(got, want[:, :, start:stop]),
+                rel_err(grad, want_x.grad[:, :, start:stop]))
+    (job_dir / f"result{mesh.tp_rank}.json").write_text(json.dumps(errors))

@@ -127,6 +127,7 @@ def test_opcheck() -> None:
                               (grad, x, w, hl, hh, 1))
         torch.library.opcheck(torch.ops.fedmri.conv3d_backward_weight.default,
                               (grad, x, w, hl, hh, 1))
+    torch.library.opcheck(torch.ops.fedmri.norm_row_moments.default, (torch.randn(3, 5000),))
 
 
 def test_torch_compile_fullgraph_forward_and_backward() -> None:
@@ -350,7 +351,8 @@ def test_norm_row_moments_are_exact_to_rounding(dtype) -> None:  # type: ignore[
         tol = 1e-14 if dtype == torch.float64 else 2e-7  # the result's own rounding
         for row, m, v in zip(rows.tolist(), mean.tolist(), var.tolist(), strict=True):
             exact_mean, exact_var = statistics.fmean(row), statistics.pvariance(row)
-            assert m == pytest.approx(exact_mean, rel=tol)
+            # The mean to rounding on the scale that normalising uses: |mean| + spread.
+            assert abs(m - exact_mean) <= tol * (abs(exact_mean) + exact_var ** 0.5)
             assert v == pytest.approx(exact_var, rel=tol, abs=1e-300)
     empty_mean, empty_var = torch.ops.fedmri.norm_row_moments(torch.empty(2, 0, dtype=dtype))
     assert empty_mean.tolist() == [0.0, 0.0] and empty_var.tolist() == [0.0, 0.0]

@@ -96,6 +96,17 @@ def test_second_derivatives_are_refused_and_cpu_autocast_runs(tmp_path: Path) ->
         assert result["error"] < 0.05
 
 
+def test_split_norms_take_channels_last_slabs_and_strided_views(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    run_ranks("spatial_check:norms_on_strided_slabs", tmp_path, MeshShape(tp=2),
+              timeout_s=300, extra_env=env)
+    for rank in range(2):
+        errors = json.loads((tmp_path / f"result{rank}.json").read_text())
+        assert len(errors) == 9
+        for case, err in errors.items():
+            assert err <= TOLERANCE, f"rank {rank} {case}: differs by {err:.2e}"
+
+
 def test_a_depth_the_strides_cannot_split_names_the_layer() -> None:
     model = build_model(RunConfig(model="basicunet"))
     with pytest.raises(SlabError, match=r"cannot split depth 48 over 4 ranks: layer "

@@ -46,8 +46,8 @@ def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     On the CPU our op (kernels/csrc/row_stats.cpp: 5x faster than ATen's, which costs a split
     rank about 9 ms a step at 128³); elsewhere ATen's two passes in one call."""
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
-        kernels.load()
-        return torch.ops.fedmri.norm_row_moments(rows)
+        kernels.load()  # rows of a channels-last or batch norm input may be a strided view
+        return torch.ops.fedmri.norm_row_moments(rows.contiguous())
     return torch.batch_norm_update_stats(rows.unsqueeze(0), None, None, 0.0)
 
 

@@ -20,20 +20,20 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // values; 8 or 16 KB, read twice from L1
 
+// Count, sum and centred sum of squares of the row's values less a shift; the mean is the
+// sum over the count (kept as a sum: a running mean would round once per block).
 struct Moments {
-  double count = 0, mean = 0, m2 = 0;
+  double count = 0, sum = 0, m2 = 0;
 
-  void merge(double n, double block_mean, double block_m2) {  // Chan et al.
+  void merge(double n, double block_sum, double block_m2) {  // Chan et al.
+    const double delta = count > 0 ? block_sum / n - sum / count : 0.0;
     const double total = count + n;
-    const double delta = block_mean - mean;
-    mean += delta * (n / total);
     m2 += block_m2 + delta * delta * (count * n / total);
+    sum += block_sum;
     count = total;
   }
 };
 
-// The row's values less a shift (the first block's mean), so that the merged mean and the
-// blocks' deviations from it are small numbers: no digits lost to a large common offset.
 template <typename T>
 __attribute__((always_inline)) inline double block_sum(const T* b, int64_t n, double shift) {
   double sum = 0;
@@ -43,15 +43,14 @@ __attribute__((always_inline)) inline double block_sum(const T* b, int64_t n, do
 }
 
 template <typename T>
-__attribute__((always_inline)) inline Moments row_moments_t(const T* x, int64_t length) {
+__attribute__((always_inline)) inline Moments row_moments_t(const T* x, int64_t length,
+                                                            double shift) {
   Moments row;
-  if (length == 0) return row;
-  const int64_t first = std::min(kBlock, length);
-  const double shift = block_sum(x, first, 0.0) / static_cast<double>(first);
   for (int64_t start = 0; start < length; start += kBlock) {
     const T* b = x + start;
     const int64_t n = std::min(kBlock, length - start);
-    const double mean = block_sum(b, n, shift) / static_cast<double>(n);
+    const double sum = block_sum(b, n, shift);
+    const double mean = sum / static_cast<double>(n);
     double squares = 0, deviation = 0;
 #pragma omp simd reduction(+ : squares, deviation)
     for (int64_t i = 0; i < n; ++i) {
@@ -59,10 +58,8 @@ __attribute__((always_inline)) inline Moments row_moments_t(const T* x, int64_t 
       squares += d * d;
       deviation += d;
     }
-    row.merge(static_cast<double>(n), mean,
-              squares - deviation * deviation / static_cast<double>(n));
+    row.merge(static_cast<double>(n), sum, squares - deviation * deviation / static_cast<double>(n));
   }
-  row.mean += shift;
   return row;
 }
 
@@ -72,11 +69,19 @@ __attribute__((always_inline)) inline Moments row_moments_t(const T* x, int64_t 
 #else
 #define FEDMRI_AVX2_OR_NOT
 #endif
-FEDMRI_AVX2_OR_NOT Moments row_moments(const float* x, int64_t length) {
-  return row_moments_t(x, length);
+FEDMRI_AVX2_OR_NOT Moments row_moments(const float* x, int64_t length, double shift) {
+  return row_moments_t(x, length, shift);
 }
-FEDMRI_AVX2_OR_NOT Moments row_moments(const double* x, int64_t length) {
-  return row_moments_t(x, length);
+FEDMRI_AVX2_OR_NOT Moments row_moments(const double* x, int64_t length, double shift) {
+  return row_moments_t(x, length, shift);
+}
+
+// The shift: the mean of the row's first block, so that the shifted values, their sums and
+// the blocks' deviations are small numbers (no digits lost to a large common offset).
+template <typename T>
+double first_block_mean(const T* x, int64_t length) {
+  const int64_t n = std::min(kBlock, length);
+  return n ? block_sum(x, n, 0.0) / static_cast<double>(n) : 0.0;
 }
 
 }  // namespace
@@ -97,8 +102,10 @@ std::tuple<at::Tensor, at::Tensor> norm_row_moments(const at::Tensor& x) {
     scalar_t* v = var.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const Moments row = row_moments(data + r * length, length);
-        m[r] = static_cast<scalar_t>(row.mean);
+        const scalar_t* x_row = data + r * length;
+        const double shift = first_block_mean(x_row, length);
+        const Moments row = row_moments(x_row, length, shift);
+        m[r] = static_cast<scalar_t>(row.count > 0 ? shift + row.sum / row.count : 0.0);
         v[r] = static_cast<scalar_t>(row.count > 0 ? row.m2 / row.count : 0.0);
       }
     });
