@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -69,12 +70,16 @@ def test_a_dead_rank_stops_the_others_and_is_named(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 120
 
 
-def test_layers_reading_one_tensor_share_its_halo_exchange(tmp_path: Path) -> None:
+def _two_rank_results(target: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Run spatial_check.<target> on 2 tp ranks; what each rank wrote."""
     env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    run_ranks("spatial_check:halo_sharing", tmp_path, MeshShape(tp=2), timeout_s=300,
+    run_ranks(f"spatial_check:{target}", tmp_path, MeshShape(tp=2), timeout_s=300,
               extra_env=env)
-    for rank in range(2):
-        result = json.loads((tmp_path / f"result{rank}.json").read_text())
+    return [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_layers_reading_one_tensor_share_its_halo_exchange(tmp_path: Path) -> None:
+    for result in _two_rank_results("halo_sharing", tmp_path):
         # The UNet's 10 convolutions, transposed convolutions and 3 strided shortcuts that
         # look across depth: 13 readers, 10 exchanges forward (the shortcuts share theirs);
         # the same without gradients and in inference mode.
@@ -84,11 +89,7 @@ def test_layers_reading_one_tensor_share_its_halo_exchange(tmp_path: Path) -> No
 
 
 def test_second_derivatives_are_refused_and_cpu_autocast_runs(tmp_path: Path) -> None:
-    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    run_ranks("spatial_check:second_order_and_cpu_autocast", tmp_path, MeshShape(tp=2),
-              timeout_s=300, extra_env=env)
-    for rank in range(2):
-        result = json.loads((tmp_path / f"result{rank}.json").read_text())
+    for result in _two_rank_results("second_order_and_cpu_autocast", tmp_path):
         for layer, message in result["refused"].items():
             assert "once_differentiable" in message, f"{layer}: second derivative not refused"
         # bfloat16 rounds both sides (about 3 significant digits), in different orders
@@ -97,11 +98,7 @@ def test_second_derivatives_are_refused_and_cpu_autocast_runs(tmp_path: Path) ->
 
 
 def test_split_norms_take_channels_last_slabs_and_strided_views(tmp_path: Path) -> None:
-    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    run_ranks("spatial_check:norms_on_strided_slabs", tmp_path, MeshShape(tp=2),
-              timeout_s=300, extra_env=env)
-    for rank in range(2):
-        errors = json.loads((tmp_path / f"result{rank}.json").read_text())
+    for rank, errors in enumerate(_two_rank_results("norms_on_strided_slabs", tmp_path)):
         assert len(errors) == 9
         for case, err in errors.items():
             assert err <= TOLERANCE, f"rank {rank} {case}: differs by {err:.2e}"
