@@ -30,6 +30,8 @@ STEP_TOLERANCE = 1e-9
 # into 5 blocks; BasicUNet (16) cuts 72 into 4 blocks of 16 and a remainder of 8 on the last.
 CASES = [{"name": "unet", "depth": 40, "hw": 16}, {"name": "basicunet", "depth": 72, "hw": 16},
          {"name": "segresnet", "depth": 40, "hw": 16}]
+# What a rank needs to import spatial_check (this folder on its PYTHONPATH).
+CHECK_ENV = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
 # spatial_check.mixed_network, channels-last: 12 planes cut in blocks of 2 (its pooling).
 MIXED = {"name": "mixed", "depth": 12, "hw": 8, "channels_last": True}
 
@@ -37,8 +39,7 @@ MIXED = {"name": "mixed", "depth": 12, "hw": 8, "channels_last": True}
 def _run_check(tmp_path: Path, shape: MeshShape, batch: int, cases: list[dict[str, object]],
                **extra: object) -> list[dict[str, dict[str, float]]]:
     (tmp_path / "job.json").write_text(json.dumps({"batch": batch, "cases": cases, **extra}))
-    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    run_ranks("spatial_check:run", tmp_path, shape, timeout_s=600, extra_env=env)
+    run_ranks("spatial_check:run", tmp_path, shape, timeout_s=600, extra_env=CHECK_ENV)
     return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(shape.world)]
 
 
@@ -72,9 +73,8 @@ def test_a_dead_rank_stops_the_others_and_is_named(tmp_path: Path) -> None:
 
 def _two_rank_results(target: str, tmp_path: Path) -> list[dict[str, Any]]:
     """Run spatial_check.<target> on 2 tp ranks; what each rank wrote."""
-    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     run_ranks(f"spatial_check:{target}", tmp_path, MeshShape(tp=2), timeout_s=300,
-              extra_env=env)
+              extra_env=CHECK_ENV)
     return [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -159,15 +159,13 @@ def test_plan_checks_the_halos_of_thin_slabs_and_traces_batch_norm() -> None:
 
 
 def test_a_job_folder_can_be_run_again(tmp_path: Path) -> None:
-    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     for _ in range(2):  # the first run's file store must not break the second rendezvous
         run_ranks("spatial_check:noop", tmp_path, MeshShape(tp=2), timeout_s=120,
-                  extra_env=env)
+                  extra_env=CHECK_ENV)
 
 
 def test_ranks_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH",
-                                                                              "")])}
+    env = {**os.environ, **CHECK_ENV}
     code = ("import sys; from pathlib import Path; from fedmri.client.spatial.launch import "
             "MeshShape, run_ranks; run_ranks('spatial_check:sleep', Path(sys.argv[1]), "
             "MeshShape(tp=2))")

@@ -228,7 +228,8 @@ class ShmTransport:
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         per_chunk = CHUNK // flat.element_size()
         counters, offsets, slots = self.members[ranks]
-        ready, mine = offsets[ranks.index(self.rank)] // LINE, slots[ranks.index(self.rank)]
+        me = ranks.index(self.rank)
+        ready, mine = offsets[me] // LINE, slots[me]
         sig = signature(tensor)
         for start in range(0, flat.numel(), per_chunk):
             part = flat[start:start + per_chunk]
